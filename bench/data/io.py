@@ -1,0 +1,272 @@
+"""Dataset readers: Sartorius/Kaggle csv, COCO/LIVECell json, Cellpose-style label folders.
+
+Every reader returns a :class:`~bench.data.sample.Dataset` and raises
+:class:`~bench.data.errors.DataError` naming the file (and row) of anything wrong:
+nothing is silently dropped. Images are read lazily; ``check_dataset`` reads them all.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from bench.data import rle
+from bench.data.errors import DataError
+from bench.data.sample import Dataset, Instances, Sample
+
+SARTORIUS_CLASSES = ["shsy5y", "astro", "cort"]
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+SARTORIUS_REQUIRED = ("id", "annotation", "width", "height", "cell_type")
+SARTORIUS_OPTIONAL = ("plate_time", "sample_date", "sample_id", "elapsed_timedelta")
+
+
+def read_image(path: str | Path, expect_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a PNG/TIF/JPG as an H x W (grayscale) or H x W x 3 array, uint8 or uint16."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "image file is missing")
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            img = tifffile.imread(path)
+        else:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                im.load()
+                if im.mode in ("P", "LA", "PA", "CMYK", "YCbCr", "HSV"):
+                    im = im.convert("RGBA" if "A" in im.mode else "RGB")
+                img = np.asarray(im)
+    except DataError:
+        raise
+    except Exception as e:  # PIL/tifffile raise many types for corrupt files
+        raise DataError(path, f"cannot read image ({type(e).__name__}: {e})") from None
+    img = np.asarray(img)
+    if img.ndim == 3 and img.shape[-1] == 4:
+        img = img[..., :3]
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[-1] != 3):
+        raise DataError(path, f"unsupported image shape {img.shape} (want H x W or H x W x 3)")
+    if img.dtype == bool:
+        img = img.astype(np.uint8) * 255
+    if img.dtype not in (np.uint8, np.uint16):
+        if np.issubdtype(img.dtype, np.floating):
+            lo, hi = float(np.nanmin(img)), float(np.nanmax(img))
+            img = ((img - lo) / (hi - lo + 1e-12) * 255).astype(np.uint8)
+        else:
+            img = np.clip(img, 0, 65535).astype(np.uint16)
+    if expect_hw is not None and tuple(img.shape[:2]) != tuple(expect_hw):
+        raise DataError(path, f"image is {img.shape[1]}x{img.shape[0]} (WxH) but its annotations say "
+                              f"{expect_hw[1]}x{expect_hw[0]}")
+    return img
+
+
+def find_image(folder: Path, stem: str) -> Path | None:
+    for suf in IMAGE_SUFFIXES:
+        p = folder / f"{stem}{suf}"
+        if p.is_file():
+            return p
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Sartorius / Kaggle
+# ---------------------------------------------------------------------------
+
+def read_sartorius(path: str | Path, image_dir: str | Path | None = None,
+                   classes: list[str] | None = None, require_images: bool = True) -> Dataset:
+    """A Kaggle Sartorius folder (``train.csv`` + ``train/<id>.png``) or the csv itself.
+
+    Rows of one id become one sample; masks keep their csv order and may overlap
+    (the real annotations do): they are never flattened into a label image.
+    ``require_images=False`` reads annotation-only sets (the metric's ground truth).
+    """
+    path = Path(path)
+    csv_path = path / "train.csv" if path.is_dir() else path
+    if not csv_path.is_file():
+        raise DataError(csv_path, "annotation csv not found")
+    root = csv_path.parent
+    image_dir = Path(image_dir) if image_dir else root / "train"
+    classes = list(classes or SARTORIUS_CLASSES)
+    cls_index = {c: i for i, c in enumerate(classes)}
+
+    groups: "OrderedDict[str, dict]" = OrderedDict()
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        missing = [c for c in ("id", "annotation", "width", "height") if c not in header]
+        if missing:
+            raise DataError(csv_path, f"missing column(s) {missing}; header is {header}")
+        for line_no, row in enumerate(reader, start=2):
+            where = f"{csv_path}:{line_no}"
+            iid = (row.get("id") or "").strip()
+            if not iid:
+                raise DataError(where, "empty id")
+            try:
+                w, h = int(row["width"]), int(row["height"])
+            except (TypeError, ValueError):
+                raise DataError(where, f"width/height not integers ({row.get('width')!r}, {row.get('height')!r})") from None
+            if w <= 0 or h <= 0:
+                raise DataError(where, f"width/height must be positive ({w}x{h})")
+            ct = (row.get("cell_type") or "").strip()
+            if "cell_type" in header and ct not in cls_index:
+                raise DataError(where, f"unknown cell_type {ct!r} (known: {classes})")
+            g = groups.get(iid)
+            if g is None:
+                g = groups[iid] = {"w": w, "h": h, "ct": ct, "ann": [], "where": [], "meta": {
+                    k: row[k] for k in SARTORIUS_OPTIONAL if k in row and row[k] not in (None, "")}}
+            elif (g["w"], g["h"]) != (w, h):
+                raise DataError(where, f"width/height {w}x{h} differ from earlier rows of id {iid} ({g['w']}x{g['h']})")
+            elif ct != g["ct"]:
+                raise DataError(where, f"cell_type {ct!r} differs from earlier rows of id {iid} ({g['ct']!r})")
+            g["ann"].append(row.get("annotation") or "")
+            g["where"].append(where)
+
+    samples = []
+    for iid, g in groups.items():
+        counts = rle.kaggle_decode_many(g["ann"], g["h"], g["w"], g["where"])
+        cl = np.full(len(counts), cls_index.get(g["ct"], -1), dtype=np.int64)
+        img_path = find_image(image_dir, iid)
+        if img_path is None and require_images:
+            raise DataError(image_dir / f"{iid}.png", f"image of id {iid} (first row {g['where'][0]}) is missing")
+        meta = dict(g["meta"], cell_type=g["ct"] or None, source=str(csv_path))
+        meta["group"] = meta.get("sample_id") or iid
+        samples.append(Sample(iid, Instances(g["h"], g["w"], counts, cl), img_path, meta))
+    if not samples:
+        raise DataError(csv_path, "no annotations")
+    return Dataset(root.name, classes, samples, root)
+
+
+def write_sartorius_csv(path: str | Path, dataset: Dataset, extra_columns: Iterable[str] = ()) -> None:
+    """Write samples as a Kaggle train.csv (one row per mask)."""
+    extra = list(extra_columns)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "annotation", "width", "height", "cell_type", *extra])
+        for s in dataset:
+            ct = s.cell_type(dataset.classes)
+            for c in s.instances.counts:
+                w.writerow([s.image_id, rle.kaggle_encode(c, s.height, s.width), s.width, s.height, ct,
+                            *[s.meta.get(k, "") for k in extra]])
+
+
+# ---------------------------------------------------------------------------
+# COCO / LIVECell
+# ---------------------------------------------------------------------------
+
+_LIVECELL_WELL = re.compile(r"^(?P<cell>[A-Za-z0-9\-]+)_Phase_(?P<well>[A-Z]\d+)_(?P<site>\d+)_")
+
+
+def livecell_group(file_name: str) -> str | None:
+    """'A172_Phase_A7_1_00d00h00m_1.tif' -> 'A172_A7' (images of a well share this)."""
+    m = _LIVECELL_WELL.match(Path(file_name).name)
+    return f"{m['cell']}_{m['well']}" if m else None
+
+
+def read_coco(json_path: str | Path, image_dir: str | Path | None = None, require_images: bool = True) -> Dataset:
+    """COCO instance json (LIVECell, the shared Sartorius json): polygons and RLE, overlap kept."""
+    json_path = Path(json_path)
+    try:
+        data = json.loads(json_path.read_text())
+    except FileNotFoundError:
+        raise DataError(json_path, "annotation json not found") from None
+    except json.JSONDecodeError as e:
+        raise DataError(json_path, f"not valid JSON ({e})") from None
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise DataError(json_path, f"not a COCO instance file: no '{key}'")
+    image_dir = Path(image_dir) if image_dir else json_path.parent / "images"
+    cats = sorted(data["categories"], key=lambda c: c["id"])
+    classes = [c["name"] for c in cats]
+    cat_index = {c["id"]: i for i, c in enumerate(cats)}
+    images: "OrderedDict[object, dict]" = OrderedDict()
+    for im in data["images"]:
+        if im["id"] in images:
+            raise DataError(json_path, f"duplicate image id {im['id']!r}")
+        images[im["id"]] = {"im": im, "counts": [], "cls": []}
+    for k, ann in enumerate(data["annotations"]):
+        where = f"{json_path}: annotation #{k} (id {ann.get('id')})"
+        g = images.get(ann.get("image_id"))
+        if g is None:
+            raise DataError(where, f"refers to unknown image_id {ann.get('image_id')!r}")
+        if ann.get("category_id") not in cat_index:
+            raise DataError(where, f"unknown category_id {ann.get('category_id')!r}")
+        h, w = int(g["im"]["height"]), int(g["im"]["width"])
+        try:
+            counts = rle.from_coco_segmentation(ann.get("segmentation"), h, w)
+        except ValueError as e:
+            raise DataError(where, str(e)) from None
+        if rle.area(counts) == 0:
+            raise DataError(where, "empty mask")
+        g["counts"].append(counts)
+        g["cls"].append(cat_index[ann["category_id"]])
+    samples = []
+    for iid, g in images.items():
+        im = g["im"]
+        fname = im.get("file_name", f"{iid}.png")
+        p = image_dir / fname
+        if not p.is_file():
+            p = find_image(image_dir, Path(fname).stem) or p
+            if not p.is_file() and require_images:
+                raise DataError(p, f"image {iid!r} listed in {json_path} is missing")
+        cl = np.array(g["cls"], dtype=np.int64)
+        meta = {"file_name": fname, "source": str(json_path)}
+        meta["group"] = livecell_group(fname) or im.get("sample_id") or str(iid)
+        if cl.size and (cl == cl[0]).all():
+            meta["cell_type"] = classes[cl[0]]
+        samples.append(Sample(str(iid), Instances(int(im["height"]), int(im["width"]), g["counts"], cl), p, meta))
+    return Dataset(json_path.stem, classes, samples, json_path.parent)
+
+
+# ---------------------------------------------------------------------------
+# Cellpose-style label folders
+# ---------------------------------------------------------------------------
+
+def read_label_folder(folder: str | Path, class_name: str = "cell") -> Dataset:
+    """``<name>.png|tif`` with ``<name>_masks.png|tif`` (0 = background, one label per cell)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(folder, "not a folder")
+    samples = []
+    for mpath in sorted(folder.iterdir()):
+        if not (mpath.suffix.lower() in IMAGE_SUFFIXES and mpath.stem.endswith("_masks")):
+            continue
+        stem = mpath.stem[: -len("_masks")]
+        ipath = find_image(folder, stem)
+        if ipath is None:
+            raise DataError(mpath, f"label image has no matching image {stem}.png|tif")
+        labels = read_image(mpath)
+        if labels.ndim != 2:
+            raise DataError(mpath, "label image must be single-channel")
+        inst = Instances.from_label_image(labels.astype(np.int64), cls_id=0)
+        samples.append(Sample(stem, inst, ipath, {"group": stem, "cell_type": class_name, "source": str(mpath)}))
+    if not samples:
+        raise DataError(folder, "no '<name>_masks.png|tif' label images found")
+    return Dataset(folder.name, [class_name], samples, folder)
+
+
+# ---------------------------------------------------------------------------
+# auto-detection
+# ---------------------------------------------------------------------------
+
+def load_dataset(path: str | Path, require_images: bool = True) -> Dataset:
+    """Any dataset cellbench reads, by what the path looks like."""
+    path = Path(path)
+    if path.suffix == ".json":
+        return read_coco(path, require_images=require_images)
+    if path.suffix == ".csv" or (path / "train.csv").is_file():
+        return read_sartorius(path, require_images=require_images)
+    if path.is_dir():
+        jsons = sorted(path.glob("*.json"))
+        if len(jsons) == 1:
+            return read_coco(jsons[0], require_images=require_images)
+        return read_label_folder(path)
+    raise DataError(path, "not a dataset: expected a Sartorius folder/csv, a COCO json or a label-image folder")

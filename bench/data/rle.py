@@ -1,0 +1,302 @@
+"""Run-length encodings: Kaggle (1-based, row-major) and COCO (column-major counts).
+
+cellbench's one mask currency is the COCO *uncompressed* RLE: a uint32 array of
+alternating background/foreground run lengths over the column-major (Fortran)
+flattening of an H x W mask, always starting with a background run and summing to
+H*W. It is what pycocotools works on, it keeps a 704x520 cell mask in a few dozen
+integers, and it can be turned into pixel indices without ever materialising the
+dense mask. Compressed COCO strings are only a serialisation format.
+
+The Kaggle conversions work on whole images at once (all runs of all masks in one
+numpy pass) because per-mask Python overhead, not arithmetic, dominates here.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from bench.data.errors import DataError
+
+Counts = np.ndarray  # uint32 COCO uncompressed counts, column-major
+
+
+# ---------------------------------------------------------------------------
+# dense <-> counts
+# ---------------------------------------------------------------------------
+
+def encode_mask(mask: np.ndarray) -> Counts:
+    """Dense H x W boolean mask -> COCO counts (column-major)."""
+    flat = np.asarray(mask, dtype=bool).ravel(order="F")
+    return _counts_from_flat(flat)
+
+
+def _counts_from_flat(flat: np.ndarray) -> Counts:
+    n = flat.size
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate(([0], change, [n]))
+    counts = np.diff(bounds)
+    if n and flat[0]:
+        counts = np.concatenate(([0], counts))
+    return counts.astype(np.uint32)
+
+
+def decode_mask(counts: Counts, height: int, width: int) -> np.ndarray:
+    """COCO counts -> dense H x W boolean mask (only for small or single masks)."""
+    flat = np.zeros(height * width, dtype=bool)
+    starts, lengths = runs_from_counts(counts)
+    for s, l in zip(starts.tolist(), lengths.tolist()):
+        flat[s:s + l] = True
+    return flat.reshape((width, height)).T
+
+
+def runs_from_counts(counts: Counts) -> tuple[np.ndarray, np.ndarray]:
+    """Foreground runs (0-based start, length) in column-major pixel order."""
+    c = np.asarray(counts, dtype=np.int64)
+    ends = np.cumsum(c)
+    starts = ends[0::2][: len(c) // 2]
+    lengths = c[1::2]
+    keep = lengths > 0
+    return starts[keep], lengths[keep]
+
+
+def area(counts: Counts) -> int:
+    return int(np.asarray(counts[1::2], dtype=np.int64).sum())
+
+
+def pixel_indices(counts: Counts) -> np.ndarray:
+    """Column-major flat indices of the foreground pixels (sorted)."""
+    starts, lengths = runs_from_counts(counts)
+    return expand_runs(starts, lengths)
+
+
+def expand_runs(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """[(s, l), ...] -> s, s+1, ..., s+l-1 for every run, vectorised."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets = np.cumsum(lengths) - lengths
+    idx = np.arange(total, dtype=np.int64) - np.repeat(offsets, lengths)
+    return idx + np.repeat(np.asarray(starts, dtype=np.int64), lengths)
+
+
+def counts_from_indices(idx: np.ndarray, n_pixels: int) -> Counts:
+    """Sorted unique column-major pixel indices -> COCO counts."""
+    idx = np.asarray(idx, dtype=np.int64)
+    if idx.size == 0:
+        return np.array([n_pixels], dtype=np.uint32)
+    brk = np.flatnonzero(np.diff(idx) != 1) + 1
+    run_start = idx[np.concatenate(([0], brk))]
+    run_end = idx[np.concatenate((brk - 1, [idx.size - 1]))] + 1
+    gaps = run_start - np.concatenate(([0], run_end[:-1]))
+    out = np.empty(2 * len(run_start) + 1, dtype=np.int64)
+    out[0:-1:2] = gaps
+    out[1::2] = run_end - run_start
+    out[-1] = n_pixels - run_end[-1]
+    if out[-1] == 0:  # pycocotools never writes a trailing empty background run
+        out = out[:-1]
+    return out.astype(np.uint32)
+
+
+def encode_label_image(labels: np.ndarray) -> tuple[np.ndarray, list[Counts]]:
+    """Label image (0 = background) -> (label ids, counts per label), one pass.
+
+    Used by adapters that predict label images (Cellpose, watershed): no dense
+    per-instance masks are built.
+    """
+    h, w = labels.shape
+    flat = np.asarray(labels).ravel(order="F")
+    fg = np.flatnonzero(flat)
+    if fg.size == 0:
+        return np.zeros(0, dtype=np.int64), []
+    lab = flat[fg]
+    order = np.argsort(lab, kind="stable")
+    lab_sorted, pix = lab[order], fg[order]
+    ids, first = np.unique(lab_sorted, return_index=True)
+    bounds = np.append(first, len(lab_sorted))
+    return ids.astype(np.int64), [counts_from_indices(pix[a:b], h * w) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+# ---------------------------------------------------------------------------
+# COCO compressed strings (pycocotools' LEB128-like format), vectorised
+# ---------------------------------------------------------------------------
+
+def counts_to_string(counts: Counts) -> str:
+    """COCO counts -> compressed string, byte-identical to pycocotools."""
+    x = np.asarray(counts, dtype=np.int64).copy()
+    x[3:] = x[3:] - np.asarray(counts, dtype=np.int64)[1:-2]
+    out = []
+    for v in x.tolist():
+        more = True
+        while more:
+            c = v & 0x1F
+            v >>= 5
+            more = not ((c & 0x10) == 0 and v == 0 or (c & 0x10) != 0 and v == -1)
+            if more:
+                c |= 0x20
+            out.append(chr(c + 48))
+    return "".join(out)
+
+
+def string_to_counts(s: str | bytes) -> Counts:
+    """Compressed COCO string -> counts, without pycocotools' dense decode."""
+    if isinstance(s, str):
+        s = s.encode("ascii")
+    v = np.frombuffer(s, dtype=np.uint8).astype(np.int64) - 48
+    if v.size == 0:
+        return np.zeros(0, dtype=np.uint32)
+    if v.min() < 0 or v.max() > 63 or (v[-1] & 0x20):
+        raise ValueError("not a COCO compressed RLE string")
+    end = (v & 0x20) == 0
+    num_id = np.concatenate(([0], np.cumsum(end)[:-1]))
+    starts = np.flatnonzero(np.concatenate(([True], end[:-1])))
+    k = np.arange(v.size) - starts[num_id]
+    vals = np.add.reduceat((v & 0x1F) << (5 * k), starts)
+    nchars = np.diff(np.append(starts, v.size))
+    neg = (v[end] & 0x10) != 0
+    vals = np.where(neg, vals - (np.int64(1) << (5 * nchars)), vals)
+    # deltas: x[m] += x[m-2] for m > 2, i.e. cumulative sums along each parity from index 1/2
+    out = vals.copy()
+    if out.size > 3:
+        odd = out[1::2]
+        odd[:] = np.cumsum(odd)
+        even = out[2::2]
+        even[:] = np.cumsum(even)
+    if (out < 0).any():
+        raise ValueError("COCO RLE string decodes to negative run lengths")
+    return out.astype(np.uint32)
+
+
+def to_coco_rle(counts: Counts, height: int, width: int) -> dict:
+    """The pycocotools/COCO-json form: {'size': [h, w], 'counts': str}."""
+    return {"size": [int(height), int(width)], "counts": counts_to_string(counts)}
+
+
+def from_coco_segmentation(seg, height: int, width: int) -> Counts:
+    """COCO 'segmentation' (polygons, compressed or uncompressed RLE) -> counts."""
+    if isinstance(seg, dict):
+        size = seg.get("size")
+        if size is not None and list(size) != [height, width]:
+            raise ValueError(f"RLE size {list(size)} does not match image {height}x{width}")
+        c = seg.get("counts")
+        if isinstance(c, (str, bytes)):
+            counts = string_to_counts(c)
+        else:
+            counts = np.asarray(c, dtype=np.int64)
+            if (counts < 0).any():
+                raise ValueError("negative run length")
+            counts = counts.astype(np.uint32)
+    elif isinstance(seg, list):
+        from pycocotools import mask as mask_util
+
+        polys = [p for p in seg if len(p) >= 6]
+        if not polys:
+            raise ValueError("polygon with fewer than 3 points")
+        rle = mask_util.merge(mask_util.frPyObjects(polys, height, width))
+        counts = string_to_counts(rle["counts"])
+    else:
+        raise ValueError(f"unsupported segmentation type {type(seg).__name__}")
+    total = int(np.asarray(counts, dtype=np.int64).sum())
+    if total != height * width:
+        raise ValueError(f"RLE covers {total} pixels, image has {height * width}")
+    return counts
+
+
+# ---------------------------------------------------------------------------
+# Kaggle train.csv RLE: "start length start length ...", 1-based, row-major
+# ---------------------------------------------------------------------------
+
+def kaggle_decode_many(
+    annotations: Sequence[str], height: int, width: int, where: Sequence[str] | None = None
+) -> list[Counts]:
+    """Kaggle RLE strings of one image -> COCO counts, all masks in one pass.
+
+    Validates every rule the competition's format implies and raises DataError
+    naming the offending row (``where[i]``): odd number of values, non-integers,
+    zero/negative lengths, runs outside the image, unsorted or overlapping runs,
+    empty annotations.
+    """
+    n_pix = height * width
+    where = list(where) if where is not None else [f"mask {i}" for i in range(len(annotations))]
+    parts, n_vals = [], np.empty(len(annotations), dtype=np.int64)
+    for i, a in enumerate(annotations):
+        a = a.strip() if isinstance(a, str) else ""
+        if not a:
+            raise DataError(where[i], "empty annotation")
+        n_vals[i] = a.count(" ") + 1
+        parts.append(a)
+    try:
+        vals = np.array(" ".join(parts).split(), dtype=np.int64)
+    except ValueError:
+        bad = next(i for i, a in enumerate(parts) if not all(t.lstrip("-").isdigit() for t in a.split()))
+        raise DataError(where[bad], "annotation has a value that is not an integer") from None
+    if vals.size != n_vals.sum():  # repeated spaces: recount exactly
+        n_vals = np.array([len(a.split()) for a in parts], dtype=np.int64)
+    odd = np.flatnonzero(n_vals % 2)
+    if odd.size:
+        raise DataError(where[odd[0]], f"RLE has an odd number of values ({n_vals[odd[0]]})")
+    starts, lengths = vals[0::2] - 1, vals[1::2]
+    run_mask = np.repeat(np.arange(len(parts)), n_vals // 2)
+
+    def fail(bad_runs: np.ndarray, problem: str):
+        r = int(bad_runs[0])
+        raise DataError(where[run_mask[r]], f"{problem} (run {r - int(np.searchsorted(run_mask, run_mask[r]))}: "
+                                             f"start {starts[r] + 1}, length {lengths[r]})")
+
+    if (b := np.flatnonzero(lengths <= 0)).size:
+        fail(b, "run length must be positive")
+    if (b := np.flatnonzero((starts < 0) | (starts + lengths > n_pix))).size:
+        fail(b, f"run outside the {height}x{width} image")
+    same = run_mask[1:] == run_mask[:-1]
+    if (b := np.flatnonzero(same & (starts[1:] < starts[:-1] + lengths[:-1]))).size:
+        prev_end = starts[b[0]] + lengths[b[0]]
+        problem = "runs not sorted" if starts[b[0] + 1] < starts[b[0]] else "runs overlap"
+        fail(b + 1, f"{problem} (previous run ends at {prev_end})")
+
+    # row-major pixel index -> column-major, then sort per mask
+    pix = expand_runs(starts, lengths)
+    mask_of_pix = np.repeat(run_mask, lengths)
+    y, x = np.divmod(pix, width)
+    key = mask_of_pix * n_pix + x * height + y
+    key.sort()
+    mask_sorted = key // n_pix
+    cm = key - mask_sorted * n_pix
+    bounds = np.searchsorted(mask_sorted, np.arange(len(parts) + 1))
+    return [counts_from_indices(cm[a:b], n_pix) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def kaggle_decode(annotation: str, height: int, width: int, where: str = "annotation") -> Counts:
+    return kaggle_decode_many([annotation], height, width, [where])[0]
+
+
+def kaggle_encode(counts: Counts, height: int, width: int) -> str:
+    """COCO counts -> Kaggle RLE string (1-based starts, row-major, sorted)."""
+    cm = pixel_indices(counts)
+    if cm.size == 0:
+        return ""
+    x, y = np.divmod(cm, height)
+    rm = np.sort(y * width + x)
+    brk = np.flatnonzero(np.diff(rm) != 1) + 1
+    s = rm[np.concatenate(([0], brk))]
+    e = rm[np.concatenate((brk - 1, [rm.size - 1]))] + 1
+    out = np.empty(2 * s.size, dtype=np.int64)
+    out[0::2], out[1::2] = s + 1, e - s
+    return " ".join(map(str, out.tolist()))
+
+
+def kaggle_encode_mask(mask: np.ndarray) -> str:
+    """Dense H x W mask -> Kaggle RLE string."""
+    flat = np.asarray(mask, dtype=bool).ravel()
+    pad = np.concatenate(([False], flat, [False]))
+    edges = np.flatnonzero(pad[1:] != pad[:-1])
+    s, e = edges[0::2], edges[1::2]
+    out = np.empty(2 * s.size, dtype=np.int64)
+    out[0::2], out[1::2] = s + 1, e - s
+    return " ".join(map(str, out.tolist()))
+
+
+def iter_pixels(all_counts: Iterable[Counts]):
+    for c in all_counts:
+        yield pixel_indices(c)
