@@ -300,3 +300,14 @@ def kaggle_encode_mask(mask: np.ndarray) -> str:
 def iter_pixels(all_counts: Iterable[Counts]):
     for c in all_counts:
         yield pixel_indices(c)
+
+
+def encode_mask_at(crop: np.ndarray, y0: int, x0: int, height: int, width: int) -> Counts:
+    """Counts of a full-image mask that is zero outside ``crop`` placed at (y0, x0).
+
+    Mask R-CNN masks live inside their boxes: encoding the box crop instead of the
+    full image is ~100x less work for a 20 px cell on a 704x520 image.
+    """
+    ys, xs = np.nonzero(np.asarray(crop, dtype=bool).T)  # transposed: column-major order
+    idx = (xs.astype(np.int64) + y0) + (ys.astype(np.int64) + x0) * height
+    return counts_from_indices(idx, height * width)

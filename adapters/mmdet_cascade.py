@@ -1,0 +1,664 @@
+"""Cascade Mask R-CNN through MMDetection 3.x (mmdet 3.3.0 / mmengine 0.10.7 / mmcv 2.1.0).
+
+The model starts from MMDetection's own ``cascade_rcnn/cascade-mask-rcnn_r50_fpn_1x_coco.py``
+(read from the installed package, never from the network) and changes only what cells
+need: ``len(classes)`` classes in the three box heads and the mask head, cell-sized
+anchors, proposal and detection limits for ~780 cells per image, a from-scratch
+backbone (no ``torchvision://resnet50`` download), and the pixel mean/std of the
+training images. Training runs through mmengine's ``Runner``.
+
+Data hand-over: the training samples are written as a COCO json (compressed RLE
+masks) plus 3-channel PNGs under ``ctx.workdir/data``, read by mmdet's stock
+``CocoDataset``/``LoadAnnotations``. Chosen over an in-memory dataset because it needs
+no new class in mmdet's global registries (nothing to leak into other adapters or to
+collide between two fits), it survives forked dataloader workers without pickling the
+samples, and the dumped config in the work dir can be re-run with mmdet's own tools on
+exactly the data the model saw. The cost (a few seconds of PNG/json writing) is
+negligible next to training. Prediction feeds arrays directly (``LoadImageFromNDArray``);
+the PNG round trip is lossless (cv2 writes and reads the same channel order), so the
+model sees identical pixels in training and prediction.
+
+Global state: mmengine keeps process-wide singletons (DefaultScope, MMLogger,
+MessageHub, Visualizer), seeds the global RNGs and sets OpenCV's thread count. Every
+fit/predict runs inside :func:`_mm_isolation`, which restores all of that afterwards,
+and every Runner gets a unique experiment name, so two fits in one process (or an
+mmengine-using neighbour) never see each other's scope, logger or visualizer.
+
+Compatibility notes (mmdet 3.3.0 with torch 2.13 / numpy 2.0), each handled here:
+
+* torch >= 2.6 defaults ``torch.load(weights_only=True)``; mmengine 0.10.7's
+  ``load_from_local`` calls ``torch.load`` without the argument, so MMDetection/mmengine
+  checkpoints (whose ``meta``/``message_hub`` hold numpy and mmengine objects) fail to
+  load. The user-named ``weights`` file is loaded by :func:`_load_weights` with an
+  explicit ``weights_only=False`` (only that file); cellbench's own saved model is a
+  plain state dict and is loaded with ``weights_only=True``.
+* mmengine's Runner moves the model to ``get_device()`` (CUDA whenever it exists),
+  ignoring the device cellbench asked for; :func:`_mm_isolation` pins it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import random
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+from pydantic import Field, field_validator, model_validator
+
+from bench.adapters.base import Adapter, AdapterConfig, Capabilities, FitContext, check_weights_file
+from bench.adapters.registry import register
+from bench.data import rle
+from bench.data.sample import Instances, Sample
+
+BASE_CONFIG = "cascade_rcnn/cascade-mask-rcnn_r50_fpn_1x_coco.py"
+FPN_STRIDES = (4, 8, 16, 32, 64)
+_STATE_FILE = "cascade.json"
+_WEIGHTS_FILE = "model.pth"
+
+
+class CascadeConfig(AdapterConfig):
+    # --- architecture -------------------------------------------------------
+    depth: Literal[18, 34, 50, 101] = 50          # ResNet depth of the backbone
+    norm: Literal["BN", "GN"] = "GN"              # GN: mmdet's train-from-scratch recipe
+    norm_eval: bool = False                       # freeze BN statistics (only with pretrained weights)
+    frozen_stages: int = Field(-1, ge=-1, le=4)   # -1: train every stage (from scratch)
+    fpn_channels: int = Field(256, ge=32)
+    bbox_fc_channels: int = Field(1024, ge=16)    # the two shared FCs of each cascade box head
+    mask_convs: int = Field(4, ge=1)              # 3x3 convs of the FCN mask head
+    # --- anchors / proposals / detections -----------------------------------
+    anchor_scales: list[float] = Field(default_factory=lambda: [2.0])  # x FPN stride (4..64): 8..128 px
+    anchor_ratios: list[float] = Field(default_factory=lambda: [0.33, 1.0, 3.0])
+    rpn_sample_num: int = Field(256, ge=16)       # anchors sampled per image for the RPN loss
+    rcnn_sample_num: int = Field(512, ge=16)      # RoIs sampled per image per cascade stage
+    rpn_train_nms_pre: int = Field(2000, ge=1)    # per FPN level, training
+    rpn_train_max_per_img: int = Field(2000, ge=1)
+    rpn_nms_pre: int = Field(3000, ge=1)          # per FPN level, inference
+    rpn_max_per_img: int = Field(3000, ge=1)      # proposals kept after RPN NMS, inference
+    max_per_img: int = Field(1000, ge=1)          # detections per image (mmdet's 100 would cap AP)
+    score_thr: float = Field(0.05, ge=0.0, lt=1.0)
+    nms_iou: float = Field(0.5, gt=0.0, le=1.0)
+    mask_thr_binary: float = Field(0.5, gt=0.0, lt=1.0)
+    # --- input ----------------------------------------------------------------
+    image_scale: float = Field(1.0, gt=0.0, le=8.0)    # resize factor, training and inference
+    train_scales: list[float] = Field(default_factory=lambda: [1.0])  # x image_scale, one drawn per image
+    flip: bool = True                                  # horizontal / vertical / diagonal flips
+    # --- schedule -------------------------------------------------------------
+    max_iters: int = Field(30000, ge=1)
+    batch_size: int = Field(2, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.02, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    warmup_iters: int = Field(500, ge=0)
+    warmup_ratio: float = Field(0.001, gt=0.0, le=1.0)
+    lr_steps: list[int] = Field(default_factory=list)  # iterations where lr *= lr_gamma
+    lr_gamma: float = Field(0.1, gt=0.0, le=1.0)
+    grad_clip: float | None = Field(None, gt=0.0)      # max gradient norm
+    amp: bool = False                                  # mixed precision (CUDA only)
+    num_workers: int = Field(2, ge=0)
+    log_interval: int = Field(10, ge=1)
+    seed: int | None = None                            # None: the runner's seed (ctx.seed)
+    predict_batch_size: int = Field(1, ge=1)
+
+    @field_validator("anchor_scales", "anchor_ratios", "train_scales")
+    @classmethod
+    def _positive_list(cls, v: list[float]) -> list[float]:
+        if not v or any(x <= 0 for x in v):
+            raise ValueError("must be a non-empty list of positive numbers")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "CascadeConfig":
+        if any(s <= 0 or s >= self.max_iters for s in self.lr_steps):
+            raise ValueError(f"lr_steps {self.lr_steps} must lie inside (0, max_iters={self.max_iters})")
+        if list(self.lr_steps) != sorted(self.lr_steps):
+            raise ValueError(f"lr_steps {self.lr_steps} must be increasing")
+        if self.norm == "GN" and self.fpn_channels % 32:
+            raise ValueError(f"fpn_channels={self.fpn_channels} must be a multiple of 32 with norm=GN")
+        if self.norm_eval and self.norm != "BN":
+            raise ValueError("norm_eval only applies to norm=BN")
+        return self
+
+
+@register("cascade")
+class CascadeMaskRCNNAdapter(Adapter):
+    framework = "mmdet"
+    framework_modules = ("mmdet", "mmcv.ops", "mmengine")
+    install_hint = "make setup (builds mmcv 2.1.0 from source)"
+    capabilities = Capabilities(predicts_classes=True, overlapping_masks=True)
+    Config = CascadeConfig
+
+    def __init__(self, cfg: AdapterConfig, classes: Sequence[str], device: str = "cpu"):
+        super().__init__(cfg, classes, device)
+        self.model = None
+        self.norm: dict[str, Any] | None = None  # pixel statistics of the training images
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, train: Sequence[Sample], val: Sequence[Sample], cfg: AdapterConfig, ctx: FitContext) -> None:
+        import torch
+
+        self.cfg = cfg
+        c: CascadeConfig = cfg  # type: ignore[assignment]
+        weights = check_weights_file(c.weights)
+        if not train:
+            raise ValueError("cascade: no training samples")
+        workdir = Path(ctx.workdir)
+        data_dir = workdir / "data"
+        self.norm = _input_stats(train)
+        n_ann = _write_coco(train, self.classes, data_dir, self.norm)
+        if n_ann == 0:
+            raise ValueError("cascade: the training samples have no instances to learn from")
+        seed = ctx.seed if c.seed is None else c.seed
+        use_cuda = self.device.startswith("cuda")
+
+        with _mm_isolation(self.device):
+            from mmengine.runner import Runner
+
+            model = self._build_model()
+            if weights is not None:
+                _load_weights(model, weights)
+            model_cfg = self._model_cfg()
+            total = c.max_iters
+            runner_cfg = dict(
+                work_dir=str(workdir / "mmdet"),
+                train_dataloader=dict(
+                    batch_size=c.batch_size,
+                    num_workers=c.num_workers,
+                    persistent_workers=c.num_workers > 0,
+                    sampler=dict(type="DefaultSampler", shuffle=True),
+                    batch_sampler=dict(type="AspectRatioBatchSampler"),
+                    dataset=dict(
+                        type="CocoDataset",
+                        data_root=str(data_dir),
+                        ann_file="train.json",
+                        data_prefix=dict(img="images/"),
+                        metainfo=dict(classes=tuple(self._class_names())),
+                        filter_cfg=dict(filter_empty_gt=True, min_size=0),
+                        pipeline=self._train_pipeline(),
+                        backend_args=None,
+                    ),
+                ),
+                train_cfg=dict(type="IterBasedTrainLoop", max_iters=total),
+                optim_wrapper=self._optim_wrapper(use_cuda),
+                param_scheduler=self._schedulers(),
+                default_hooks=dict(
+                    timer=dict(type="IterTimerHook"),
+                    logger=dict(type="LoggerHook", interval=c.log_interval),
+                    param_scheduler=dict(type="ParamSchedulerHook"),
+                    checkpoint=None,     # cellbench saves the weights itself (save())
+                    sampler_seed=dict(type="DistSamplerSeedHook"),
+                ),  # no validation loop or visualisation hook: cellbench evaluates
+                env_cfg=dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method=_mp_start_method(),
+                                                               opencv_num_threads=0)),
+                log_processor=dict(by_epoch=False),
+                randomness=dict(seed=seed, deterministic=False),
+                default_scope="mmdet",
+                log_level="INFO",
+            )
+            dump = copy.deepcopy(runner_cfg)
+            dump["model"] = model_cfg
+            dump["load_from_cellbench_weights"] = str(weights) if weights else None
+            runner = Runner(
+                model=model,
+                experiment_name=f"cellbench-cascade-{uuid.uuid4().hex[:8]}",
+                custom_hooks=[_loss_hook(ctx, total, c.log_interval)],
+                cfg=dump,
+                **runner_cfg,
+            )
+            _quiet_console(runner.logger)
+            ctx.report(0, total, phase="train")
+            t0 = time.time()
+            runner.train()
+            trained = runner.model
+            del runner
+        trained.eval()
+        self.model = trained
+        ctx.log(step=total, loss=None, phase="done", train_seconds=round(time.time() - t0, 1))
+        if use_cuda:
+            torch.cuda.empty_cache()
+
+    # -------------------------------------------------------------- predict
+    def predict(self, samples: Sequence[Sample]) -> list[Instances]:
+        import torch
+
+        if self.model is None:
+            raise RuntimeError("cascade: predict() before fit() or load()")
+        c: CascadeConfig = self.cfg  # type: ignore[assignment]
+        out: list[Instances] = []
+        with _mm_isolation(self.device):
+            from mmcv.transforms import Compose
+            from mmengine.dataset import pseudo_collate
+
+            pipeline = Compose(self._test_pipeline())
+            model = self.model.to(self.device).eval()
+            for start in range(0, len(samples), c.predict_batch_size):
+                chunk = samples[start:start + c.predict_batch_size]
+                data = [pipeline(dict(img=_model_input(s.image, self.norm), img_id=i))
+                        for i, s in enumerate(chunk)]
+                with torch.no_grad():
+                    results = model.test_step(pseudo_collate(data))
+                for s, r in zip(chunk, results):
+                    out.append(_to_instances(r.pred_instances, s.height, s.width))
+        return out
+
+    # ----------------------------------------------------------- save / load
+    def save(self, directory: Path) -> None:
+        import torch
+
+        if self.model is None:
+            raise RuntimeError("cascade: save() before fit() or load()")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        torch.save(state, directory / _WEIGHTS_FILE)
+        import mmdet
+
+        (directory / _STATE_FILE).write_text(json.dumps({
+            "config": self.cfg.model_dump(mode="json"),
+            "classes": self.classes,
+            "input_norm": self.norm,
+            "mmdet_version": mmdet.__version__,
+        }, indent=1))
+        # the full MMDetection model config, for reading or re-use with mmdet's own tools
+        from mmengine.config import Config
+
+        Config(dict(model=self._model_cfg())).dump(str(directory / "mmdet_model_config.py"))
+
+    def load(self, directory: Path) -> None:
+        import torch
+
+        directory = Path(directory)
+        state = json.loads((directory / _STATE_FILE).read_text())
+        self.cfg = self.Config(**state["config"])
+        self.classes = list(state["classes"])
+        self.norm = state["input_norm"]
+        with _mm_isolation(self.device):
+            model = self._build_model()
+            # our own file: a plain state dict of tensors, so the safe loader is enough
+            sd = torch.load(directory / _WEIGHTS_FILE, map_location="cpu", weights_only=True)
+            model.load_state_dict(sd, strict=True)
+        self.model = model.to(self.device).eval()
+
+    # ------------------------------------------------------------- configs
+    def _class_names(self) -> list[str]:
+        return self.classes or ["cell"]
+
+    def _model_cfg(self) -> dict:
+        """MMDetection's Cascade Mask R-CNN R50-FPN config, adapted to cells."""
+        from mmengine.config import Config
+
+        c: CascadeConfig = self.cfg  # type: ignore[assignment]
+        base = Config.fromfile(str(_mmdet_config_path(BASE_CONFIG)))
+        m = base.model.to_dict()
+        k = len(self._class_names())
+        norm_cfg = dict(type="GN", num_groups=32, requires_grad=True) if c.norm == "GN" else \
+            dict(type="BN", requires_grad=True)
+        mean = (self.norm or {}).get("mean", [128.0] * 3)
+        std = (self.norm or {}).get("std", [32.0] * 3)
+        m["data_preprocessor"].update(mean=list(mean), std=list(std), bgr_to_rgb=False)
+
+        bb = m["backbone"]
+        bb.update(depth=c.depth, frozen_stages=c.frozen_stages, norm_cfg=copy.deepcopy(norm_cfg),
+                  norm_eval=c.norm_eval, zero_init_residual=False)
+        bb["init_cfg"] = None  # the base config would download torchvision://resnet50
+        widths = [64, 128, 256, 512] if c.depth in (18, 34) else [256, 512, 1024, 2048]
+        m["neck"].update(in_channels=widths, out_channels=c.fpn_channels)
+        if c.norm == "GN":
+            m["neck"]["norm_cfg"] = copy.deepcopy(norm_cfg)
+
+        rpn = m["rpn_head"]
+        rpn.update(in_channels=c.fpn_channels, feat_channels=c.fpn_channels)
+        rpn["anchor_generator"].update(scales=list(c.anchor_scales), ratios=list(c.anchor_ratios),
+                                       strides=list(FPN_STRIDES))
+        roi = m["roi_head"]
+        roi["bbox_roi_extractor"]["out_channels"] = c.fpn_channels
+        roi["mask_roi_extractor"]["out_channels"] = c.fpn_channels
+        for head in roi["bbox_head"]:
+            head.update(in_channels=c.fpn_channels, fc_out_channels=c.bbox_fc_channels, num_classes=k)
+        roi["mask_head"].update(in_channels=c.fpn_channels, conv_out_channels=c.fpn_channels,
+                                num_convs=c.mask_convs, num_classes=k)
+        if c.norm == "GN":
+            roi["mask_head"]["norm_cfg"] = copy.deepcopy(norm_cfg)
+
+        tr = m["train_cfg"]
+        tr["rpn"]["allowed_border"] = -1  # keep anchors at the border: cells are clipped there
+        tr["rpn"]["sampler"]["num"] = c.rpn_sample_num
+        tr["rpn_proposal"].update(nms_pre=c.rpn_train_nms_pre, max_per_img=c.rpn_train_max_per_img)
+        for stage in tr["rcnn"]:
+            stage["sampler"]["num"] = c.rcnn_sample_num
+        te = m["test_cfg"]
+        te["rpn"].update(nms_pre=c.rpn_nms_pre, max_per_img=c.rpn_max_per_img)
+        te["rcnn"].update(score_thr=c.score_thr, nms=dict(type="nms", iou_threshold=c.nms_iou),
+                          max_per_img=c.max_per_img, mask_thr_binary=c.mask_thr_binary)
+        return m
+
+    def _build_model(self):
+        from mmdet.registry import MODELS
+        from mmengine.config import ConfigDict
+
+        import logging
+
+        from mmengine.logging import MMLogger
+
+        model = MODELS.build(ConfigDict(self._model_cfg()))  # mmdet reads train_cfg.rpn etc. as attributes
+        logger = MMLogger.get_current_instance()
+        level = logger.level
+        logger.setLevel(logging.WARNING)  # init_weights logs one INFO paragraph per parameter
+        try:
+            model.init_weights()  # random init now; the Runner then skips it (already initialised)
+        finally:
+            logger.setLevel(level)
+        return model
+
+    def _train_pipeline(self) -> list[dict]:
+        c: CascadeConfig = self.cfg  # type: ignore[assignment]
+        scales = sorted({round(c.image_scale * s, 6) for s in c.train_scales})
+        if len(scales) == 1:
+            resize = dict(type="Resize", scale_factor=scales[0], keep_ratio=True)
+        else:  # one scale per image, detectron2/LIVECell-style discrete multi-scale training
+            resize = dict(type="RandomChoice",
+                          transforms=[[dict(type="Resize", scale_factor=s, keep_ratio=True)] for s in scales])
+        pipe = [
+            dict(type="LoadImageFromFile", backend_args=None),  # 3-channel PNG, read back unchanged
+            dict(type="LoadAnnotations", with_bbox=True, with_mask=True),
+            resize,
+        ]
+        if c.flip:
+            pipe.append(dict(type="RandomFlip", prob=[0.25, 0.25, 0.25],
+                             direction=["horizontal", "vertical", "diagonal"]))
+        pipe += [
+            dict(type="FilterAnnotations", min_gt_bbox_wh=(1e-2, 1e-2), keep_empty=False),
+            dict(type="PackDetInputs"),
+        ]
+        return pipe
+
+    def _test_pipeline(self) -> list[dict]:
+        c: CascadeConfig = self.cfg  # type: ignore[assignment]
+        return [
+            dict(type="LoadImageFromNDArray"),
+            dict(type="Resize", scale_factor=c.image_scale, keep_ratio=True),
+            dict(type="PackDetInputs", meta_keys=("img_id", "img_path", "ori_shape", "img_shape", "scale_factor")),
+        ]
+
+    def _optim_wrapper(self, use_cuda: bool) -> dict:
+        c: CascadeConfig = self.cfg  # type: ignore[assignment]
+        if c.optimizer == "sgd":
+            opt = dict(type="SGD", lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        else:
+            opt = dict(type="AdamW", lr=c.lr, betas=(c.momentum, 0.999), weight_decay=c.weight_decay)
+        wrapper = dict(type="AmpOptimWrapper" if (c.amp and use_cuda) else "OptimWrapper", optimizer=opt,
+                       paramwise_cfg=dict(norm_decay_mult=0.0))  # as mmdet's from-scratch configs
+        if c.grad_clip:
+            wrapper["clip_grad"] = dict(max_norm=c.grad_clip, norm_type=2)
+        return wrapper
+
+    def _schedulers(self) -> list[dict]:
+        c: CascadeConfig = self.cfg  # type: ignore[assignment]
+        sched = []
+        if c.warmup_iters > 0:
+            sched.append(dict(type="LinearLR", start_factor=c.warmup_ratio, by_epoch=False, begin=0,
+                              end=min(c.warmup_iters, c.max_iters)))
+        if c.lr_steps:
+            sched.append(dict(type="MultiStepLR", by_epoch=False, begin=0, end=c.max_iters,
+                              milestones=list(c.lr_steps), gamma=c.lr_gamma))
+        if not sched:  # mmengine wants a scheduler list or None; constant lr
+            return None  # type: ignore[return-value]
+        return sched
+
+
+# ---------------------------------------------------------------------------
+# images and annotations
+# ---------------------------------------------------------------------------
+
+def _input_stats(train: Sequence[Sample]) -> dict:
+    """Intensity range (for non-8-bit images) and per-channel mean/std of the model input."""
+    imgs = [s.image for s in train]
+    rng = None
+    if any(im.dtype != np.uint8 for im in imgs):
+        # non-8-bit data are mapped to 0..255 with the training set's 0.1/99.9 percentiles
+        vals = np.concatenate([im.astype(np.float64).ravel()[:: max(1, im.size // 200_000)] for im in imgs])
+        lo, hi = np.percentile(vals, [0.1, 99.9])
+        rng = [float(lo), float(hi if hi > lo else lo + 1.0)]
+    norm: dict[str, Any] = {"range": rng}
+    s = np.zeros(3)
+    s2 = np.zeros(3)
+    n = 0
+    for im in imgs:
+        x = _model_input(im, norm).reshape(-1, 3).astype(np.float64)
+        s += x.sum(0)
+        s2 += (x * x).sum(0)
+        n += x.shape[0]
+    mean = s / n
+    std = np.sqrt(np.maximum(s2 / n - mean ** 2, 1e-6))
+    norm["mean"] = [float(v) for v in mean]
+    norm["std"] = [float(max(v, 1.0)) for v in std]
+    return norm
+
+
+def _model_input(image: np.ndarray, norm: dict | None) -> np.ndarray:
+    """H x W (x 3) image -> the H x W x 3 uint8 array the network sees (gray copied to 3 channels)."""
+    img = np.asarray(image)
+    if img.dtype != np.uint8:
+        rng = (norm or {}).get("range")
+        if rng is None:
+            lo, hi = np.percentile(img, [0.1, 99.9])
+            rng = [float(lo), float(hi if hi > lo else lo + 1.0)]
+        img = np.clip((img.astype(np.float32) - rng[0]) * (255.0 / (rng[1] - rng[0])), 0, 255)
+        img = np.round(img).astype(np.uint8)
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    elif img.ndim == 3 and img.shape[2] == 1:
+        img = np.repeat(img, 3, axis=2)
+    elif img.ndim == 3 and img.shape[2] == 4:
+        img = img[:, :, :3]
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"cascade: unsupported image shape {image.shape}")
+    return np.ascontiguousarray(img)
+
+
+def _write_coco(train: Sequence[Sample], classes: Sequence[str], data_dir: Path, norm: dict) -> int:
+    """Images as lossless 3-channel PNGs and a COCO instances json; returns the annotation count."""
+    import cv2
+
+    img_dir = data_dir / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    names = list(classes) or ["cell"]
+    images, anns = [], []
+    for idx, s in enumerate(train):
+        file_name = f"{idx:06d}.png"
+        x = _model_input(s.image, norm)
+        if not cv2.imwrite(str(img_dir / file_name), x):  # cv2 write/read keep the channel order
+            raise OSError(f"cascade: could not write {img_dir / file_name}")
+        h, w = s.height, s.width
+        images.append(dict(id=idx + 1, file_name=file_name, height=h, width=w, cellbench_id=s.image_id))
+        inst = s.instances
+        boxes = inst.boxes_xywh()
+        areas = inst.areas
+        for j in range(len(inst)):
+            if areas[j] == 0:
+                continue
+            cl = int(inst.classes[j])
+            if cl < 0:
+                if len(names) != 1:
+                    raise ValueError(f"cascade: sample {s.image_id} has an instance without a class "
+                                     f"but the dataset has {len(names)} classes")
+                cl = 0
+            anns.append(dict(id=len(anns) + 1, image_id=idx + 1, category_id=cl + 1, iscrowd=0,
+                             area=int(areas[j]), bbox=[float(v) for v in boxes[j]],
+                             segmentation=rle.to_coco_rle(inst.counts[j], h, w)))
+    cats = [dict(id=i + 1, name=n) for i, n in enumerate(names)]
+    (data_dir / "train.json").write_text(json.dumps(dict(images=images, annotations=anns, categories=cats)))
+    return len(anns)
+
+
+def _to_instances(pred, height: int, width: int) -> Instances:
+    """mmdet InstanceData (bool masks at the original size) -> Instances; overlaps left as they are."""
+    n = len(pred)
+    if n == 0:
+        return Instances.empty(height, width)
+    masks = pred.masks
+    masks = masks.cpu().numpy() if hasattr(masks, "cpu") else np.asarray(masks)
+    if masks.shape[1:] != (height, width):
+        raise RuntimeError(f"cascade: masks of shape {masks.shape[1:]} for a {height}x{width} image")
+    scores = pred.scores.detach().cpu().numpy().astype(np.float64)
+    labels = pred.labels.detach().cpu().numpy().astype(np.int64)
+    counts = [rle.encode_mask(m) for m in masks]
+    return Instances(height, width, counts, labels, scores)
+
+
+# ---------------------------------------------------------------------------
+# mmengine plumbing
+# ---------------------------------------------------------------------------
+
+def _mmdet_config_path(rel: str) -> Path:
+    import mmdet
+
+    root = Path(mmdet.__file__).resolve().parent
+    for cand in (root / ".mim" / "configs" / rel, root.parent / "configs" / rel):
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(f"cascade: MMDetection's config {rel} is not in the installed mmdet ({root}/.mim/configs)")
+
+
+def _mp_start_method() -> str:
+    import multiprocessing as mp
+
+    return mp.get_start_method(allow_none=True) or "fork"
+
+
+def _manager_classes() -> list[type]:
+    from mmengine.utils import ManagerMixin
+
+    out, todo = [], [ManagerMixin]
+    while todo:
+        cls = todo.pop()
+        out.append(cls)
+        todo.extend(cls.__subclasses__())
+    return out
+
+
+@contextlib.contextmanager
+def _mm_isolation(device: str):
+    """Run mmdet/mmengine code with the 'mmdet' scope and undo mmengine's global side effects."""
+    import cv2
+    import torch
+    import mmengine.runner.runner as mm_runner
+    from mmdet.utils import register_all_modules
+    from mmengine.logging import MMLogger
+    from mmengine.registry import DefaultScope
+
+    register_all_modules(init_default_scope=False)  # imports mmdet's modules into its registries
+    managers = _manager_classes()
+    saved = {cls: (cls.__dict__.get("_instance_dict"), dict(cls.__dict__["_instance_dict"]))
+             for cls in managers if "_instance_dict" in cls.__dict__}
+    rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+           torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
+    cudnn = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    cv2_threads = cv2.getNumThreads()
+    get_device = mm_runner.get_device
+    # mmengine's Runner moves the model to get_device() (CUDA whenever present): pin cellbench's device
+    mm_runner.get_device = lambda: "cuda" if device.startswith("cuda") else "cpu"
+    DefaultScope.get_instance(f"cellbench-cascade-{uuid.uuid4().hex}", scope_name="mmdet")
+    try:
+        yield
+    finally:
+        mm_runner.get_device = get_device
+        for cls, (obj, before) in saved.items():
+            if cls.__dict__.get("_instance_dict") is not obj:  # replaced (e.g. overwrite_default_scope)
+                setattr(cls, "_instance_dict", obj)
+            current = cls.__dict__["_instance_dict"]
+            for name in [n for n in current if n not in before]:
+                inst = current.pop(name)
+                if isinstance(inst, MMLogger):
+                    for h in list(inst.handlers):
+                        h.close()
+                        inst.removeHandler(h)
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.set_rng_state(rng[2])
+        if rng[3] is not None:
+            torch.cuda.set_rng_state_all(rng[3])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
+        cv2.setNumThreads(cv2_threads)
+
+
+def _quiet_console(logger) -> None:
+    """mmengine's INFO lines go to the run's log file only, not over cellbench's progress bar."""
+    import logging
+
+    for h in logger.handlers:
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+            h.setLevel(logging.WARNING)
+
+
+def _loss_hook(ctx: FitContext, total: int, interval: int):
+    """An mmengine Hook object (passed in custom_hooks: no registry entry) feeding ctx.report/ctx.log."""
+    from mmengine.hooks import Hook
+
+    class CellbenchLossHook(Hook):
+        priority = "BELOW_NORMAL"
+
+        def __init__(self):
+            self.acc: dict[str, float] = {}
+            self.n = 0
+            self.t0 = time.time()
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            it = runner.iter + 1
+            for k, v in (outputs or {}).items():
+                f = float(v)
+                if math.isfinite(f):
+                    self.acc[k] = self.acc.get(k, 0.0) + f
+            self.n += 1
+            loss = float((outputs or {}).get("loss", float("nan")))
+            ctx.report(it, total, loss=round(loss, 4))
+            if it % interval == 0 or it == total:
+                rec = {k: round(v / self.n, 5) for k, v in self.acc.items()}
+                lr = runner.optim_wrapper.get_lr()
+                lr = float(next(iter(lr.values()))[0]) if lr else None
+                ctx.log(step=it, loss=rec.pop("loss", None), lr=lr,
+                        seconds=round(time.time() - self.t0, 1), **rec)
+                self.acc, self.n = {}, 0
+
+    return CellbenchLossHook()
+
+
+def _load_weights(model, path: Path) -> None:
+    """Start from a local checkpoint the user named: a full MMDetection model or a backbone.
+
+    torch >= 2.6 defaults to ``weights_only=True``, which rejects MMDetection/mmengine
+    checkpoints (numpy arrays and mmengine objects in ``meta``/``message_hub``) and which
+    mmengine 0.10.7's ``load_checkpoint`` does not override; this file was named by the
+    user, so it is unpickled in full (``weights_only=False``), and only this file.
+    """
+    import torch
+    from mmengine.logging import MMLogger
+    from mmengine.runner.checkpoint import load_state_dict
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    sd = ckpt
+    if isinstance(ckpt, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(ckpt.get(key), dict):
+                sd = ckpt[key]
+                break
+    if not isinstance(sd, dict):
+        raise ValueError(f"cascade: {path} holds no state dict (got {type(sd).__name__})")
+    sd = {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items() if hasattr(v, "shape")}
+    own = model.state_dict()
+    if not any(k in own for k in sd) and any(("backbone." + k) in own for k in sd):
+        sd = {"backbone." + k: v for k, v in sd.items()}  # a bare backbone (e.g. a torchvision ResNet)
+    matched = {k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    if not matched:
+        raise ValueError(f"cascade: no parameter in {path} matches the model (wrong file or architecture?)")
+    skipped = sorted(k for k in sd if k in own and k not in matched)
+    logger = MMLogger.get_current_instance()
+    logger.info(f"cascade: loaded {len(matched)}/{len(own)} tensors from {path}; "
+                f"shape mismatch (re-initialised): {skipped[:10]}{'...' if len(skipped) > 10 else ''}")
+    load_state_dict(model, matched, strict=False, logger=logger)

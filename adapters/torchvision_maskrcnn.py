@@ -1,0 +1,253 @@
+"""torchvision Mask R-CNN, trained from scratch by default (``maskrcnn-tv``).
+
+From scratch means no ImageNet backbone: frozen BatchNorm (torchvision's default for
+fine-tuning) would then be an untrained identity, so the backbone uses GroupNorm, the
+standard choice for training detectors from scratch (He et al., 2019). A local
+weights file (a torchvision/cellbench state dict) can be given; tensors whose shapes
+do not fit (e.g. COCO's 91-class heads) are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+
+from bench.adapters.base import Adapter, AdapterConfig, Capabilities, FitContext, check_weights_file
+from bench.adapters.registry import register
+from bench.data import rle
+from bench.data.sample import Instances, Sample
+
+
+class TorchvisionMaskRCNNConfig(AdapterConfig):
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    norm: Literal["gn", "bn", "frozen_bn"] = "gn"
+    fpn_channels: int = 256          # torchvision's fixed 256; smaller makes CPU smoke runs ~10x cheaper
+    mask_head_layers: list[int] = [256, 256, 256, 256]
+    box_head_dim: int = 1024
+    anchor_sizes: list[int] = [16, 32, 64, 128, 256]
+    aspect_ratios: list[float] = [0.5, 1.0, 2.0]
+    rpn_pre_nms_top_n_train: int = 4000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 3000
+    rpn_post_nms_top_n_test: int = 1500
+    rpn_nms_thresh: float = 0.7
+    box_batch_size_per_image: int = 512
+    detections_per_image: int = 1000
+    box_score_thresh: float = 0.05
+    box_nms_thresh: float = 0.5
+    mask_threshold: float = 0.5
+    min_size: int = 520            # images are resized so the short side is this (torchvision's default 800)
+    max_size: int = 1333
+    iterations: int = 3000
+    batch_size: int = 2
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 200
+    lr_steps: list[int] = [2000, 2600]
+    gamma: float = 0.1
+    hflip: bool = True
+    vflip: bool = True
+    log_every: int = 10
+    grad_clip: float | None = 10.0
+
+
+@register("maskrcnn-tv")
+class TorchvisionMaskRCNN(Adapter):
+    framework = "torchvision"
+    framework_modules = ("torch", "torchvision", "torchvision.ops")
+    install_hint = 'pip install "torch===2.13.0" "torchvision==0.28.0"'
+    capabilities = Capabilities(predicts_classes=True, overlapping_masks=True)
+    Config = TorchvisionMaskRCNNConfig
+
+    def __init__(self, cfg, classes, device="cpu"):
+        super().__init__(cfg, classes, device)
+        self.model = None
+        self.pixel_mean: float | None = None
+        self.pixel_std: float | None = None
+
+    # ---- model -----------------------------------------------------------------
+    def _build(self):
+        import torch
+        from torch import nn
+        import torchvision
+        from torchvision.models.detection import MaskRCNN
+        from torchvision.models.detection.anchor_utils import AnchorGenerator
+        from torchvision.models.detection.backbone_utils import BackboneWithFPN
+        from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+        from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+        from torchvision.ops import misc as misc_nn_ops
+        from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+        c: TorchvisionMaskRCNNConfig = self.cfg  # type: ignore[assignment]
+        norm = {"gn": lambda ch: nn.GroupNorm(min(32, ch // 4), ch), "bn": nn.BatchNorm2d,
+                "frozen_bn": misc_nn_ops.FrozenBatchNorm2d}[c.norm]
+        resnet = getattr(torchvision.models, c.backbone)(weights=None, norm_layer=norm)
+        widths = [64, 128, 256, 512] if c.backbone in ("resnet18", "resnet34") else [256, 512, 1024, 2048]
+        backbone = BackboneWithFPN(resnet, {f"layer{k}": str(k - 1) for k in range(1, 5)}, widths, c.fpn_channels,
+                                   extra_blocks=LastLevelMaxPool())
+        box_head = TwoMLPHead(c.fpn_channels * 7 * 7, c.box_head_dim)
+        mask_head = MaskRCNNHeads(c.fpn_channels, c.mask_head_layers, 1)
+        anchors = AnchorGenerator(sizes=tuple((s,) for s in c.anchor_sizes),
+                                  aspect_ratios=(tuple(c.aspect_ratios),) * len(c.anchor_sizes))
+        mean, std = (self.pixel_mean or 0.5), (self.pixel_std or 0.25)
+        model = MaskRCNN(
+            backbone, num_classes=None, rpn_anchor_generator=anchors,
+            min_size=c.min_size, max_size=c.max_size, image_mean=[mean] * 3, image_std=[std] * 3,
+            rpn_pre_nms_top_n_train=c.rpn_pre_nms_top_n_train, rpn_post_nms_top_n_train=c.rpn_post_nms_top_n_train,
+            rpn_pre_nms_top_n_test=c.rpn_pre_nms_top_n_test, rpn_post_nms_top_n_test=c.rpn_post_nms_top_n_test,
+            rpn_nms_thresh=c.rpn_nms_thresh, box_batch_size_per_image=c.box_batch_size_per_image,
+            box_detections_per_img=c.detections_per_image, box_score_thresh=c.box_score_thresh,
+            box_nms_thresh=c.box_nms_thresh, box_head=box_head, mask_head=mask_head,
+            box_predictor=FastRCNNPredictor(c.box_head_dim, len(self.classes) + 1),
+            mask_predictor=MaskRCNNPredictor(c.mask_head_layers[-1], c.mask_head_layers[-1], len(self.classes) + 1),
+        )
+        if c.weights:
+            path = check_weights_file(c.weights)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("model", state) if isinstance(state, dict) else state
+            own = model.state_dict()
+            fit = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+            model.load_state_dict(fit, strict=False)
+            self.weights_report = {"loaded": len(fit), "skipped": len(state) - len(fit)}
+        return model.to(self.device)
+
+    @staticmethod
+    def _tensor(image: np.ndarray):
+        import torch
+
+        img = image.astype(np.float32) / (65535.0 if image.dtype == np.uint16 else 255.0)
+        if img.ndim == 2:
+            img = np.repeat(img[None], 3, axis=0)
+        else:
+            img = img.transpose(2, 0, 1)
+        return torch.from_numpy(np.ascontiguousarray(img))
+
+    # ---- training ----------------------------------------------------------------
+    def fit(self, train: Sequence[Sample], val: Sequence[Sample], cfg: AdapterConfig, ctx: FitContext) -> None:
+        import torch
+
+        self.cfg = cfg
+        c: TorchvisionMaskRCNNConfig = cfg  # type: ignore[assignment]
+        torch.manual_seed(ctx.seed)
+        rng = np.random.default_rng(ctx.seed)
+        data = [(self._tensor(s.image), s.instances) for s in train if len(s.instances)]
+        if not data:
+            raise ValueError("no training image has any instance")
+        vals = torch.cat([d[0][0].flatten() for d in data])
+        self.pixel_mean, self.pixel_std = float(vals.mean()), float(vals.std().clamp(min=1e-3))
+        self.model = self._build()
+        self.model.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+
+        def lr_at(it: int) -> float:
+            warm = min(1.0, (it + 1) / max(c.warmup_iters, 1))
+            return c.lr * warm * c.gamma ** sum(it >= s for s in c.lr_steps)
+
+        t0 = time.perf_counter()
+        for it in range(c.iterations):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(it)
+            batch = [data[i] for i in rng.integers(0, len(data), c.batch_size)]
+            images, targets = [], []
+            for img, inst in batch:
+                img, target = self._target(img, inst, rng, c)
+                images.append(img.to(self.device))
+                targets.append({k: v.to(self.device) for k, v in target.items()})
+            losses = self.model(images, targets)
+            loss = sum(losses.values())
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"loss is {float(loss)} at iteration {it}: lower lr")
+            opt.zero_grad()
+            loss.backward()
+            if c.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+            opt.step()
+            if it % c.log_every == 0 or it == c.iterations - 1:
+                ctx.log(iteration=it + 1, loss=loss.item(), lr=lr_at(it), time=time.perf_counter() - t0,
+                        **{k: v.item() for k, v in losses.items()})
+            ctx.report(it + 1, c.iterations, loss=loss.item())
+        self.model.eval()
+
+    def _target(self, img, inst: Instances, rng, c: TorchvisionMaskRCNNConfig):
+        import torch
+
+        masks = np.stack([inst.dense(i) for i in range(len(inst))])
+        if c.hflip and rng.random() < 0.5:
+            img, masks = img.flip(-1), masks[:, :, ::-1]
+        if c.vflip and rng.random() < 0.5:
+            img, masks = img.flip(-2), masks[:, ::-1, :]
+        masks = np.ascontiguousarray(masks)
+        ys = masks.any(axis=2)
+        xs = masks.any(axis=1)
+        boxes = []
+        for y, x in zip(ys, xs):
+            yy, xx = np.flatnonzero(y), np.flatnonzero(x)
+            boxes.append([xx[0], yy[0], xx[-1] + 1, yy[-1] + 1])
+        labels = np.clip(inst.classes, 0, None) + 1
+        return img, {"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.from_numpy(labels),
+                     "masks": torch.from_numpy(masks.astype(np.uint8))}
+
+    # ---- inference -----------------------------------------------------------------
+    def predict(self, samples: Sequence[Sample]) -> list[Instances]:
+        import torch
+
+        if self.model is None:
+            raise RuntimeError("maskrcnn-tv: fit() or load() first")
+        c: TorchvisionMaskRCNNConfig = self.cfg  # type: ignore[assignment]
+        self.model.eval()
+        out = []
+        with torch.inference_mode():
+            for s in samples:
+                r = self.model([self._tensor(s.image).to(self.device)])[0]
+                out.append(self._to_instances(r, s.height, s.width, c.mask_threshold))
+        return out
+
+    @staticmethod
+    def _to_instances(r, h: int, w: int, thr: float) -> Instances:
+        masks = (r["masks"][:, 0] > thr).cpu().numpy()
+        boxes = r["boxes"].cpu().numpy()
+        counts, keep = [], []
+        for i, (m, b) in enumerate(zip(masks, boxes)):
+            # pasted masks may spill a little past their box (torchvision pads the 28x28 grid):
+            # crop a margin around the box and fall back to the whole image if pixels are left out
+            pad_x, pad_y = 2 + 0.15 * (b[2] - b[0]), 2 + 0.15 * (b[3] - b[1])
+            x0, y0 = max(int(b[0] - pad_x), 0), max(int(b[1] - pad_y), 0)
+            x1, y1 = min(int(np.ceil(b[2] + pad_x)), w), min(int(np.ceil(b[3] + pad_y)), h)
+            crop = m[y0:y1, x0:x1]
+            total = int(m.sum())
+            if total == 0:
+                continue
+            if int(crop.sum()) != total:
+                crop, y0, x0 = m, 0, 0
+            counts.append(rle.encode_mask_at(crop, y0, x0, h, w))
+            keep.append(i)
+        keep = np.array(keep, dtype=int)
+        return Instances(h, w, counts, r["labels"].cpu().numpy()[keep] - 1, r["scores"].cpu().numpy()[keep])
+
+    # ---- persistence ----------------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        import torch
+
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save(self.model.state_dict(), directory / "model.pt")
+        (directory / "maskrcnn_tv.json").write_text(json.dumps({
+            "config": self.cfg.model_dump(), "classes": self.classes,
+            "pixel_mean": self.pixel_mean, "pixel_std": self.pixel_std}, indent=1))
+
+    def load(self, directory: Path) -> None:
+        import torch
+
+        meta = json.loads((directory / "maskrcnn_tv.json").read_text())
+        self.cfg = self.Config(**{**meta["config"], "weights": None})
+        self.classes, self.pixel_mean, self.pixel_std = meta["classes"], meta["pixel_mean"], meta["pixel_std"]
+        self.model = self._build()
+        self.model.load_state_dict(torch.load(directory / "model.pt", map_location=self.device, weights_only=True))
+        self.model.eval()
+

@@ -1,0 +1,208 @@
+"""The ``bench`` command line (typer). Every command has --help; bad input exits 2 naming the file."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from bench.data.errors import DataError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="cellbench: compare cell instance-segmentation models fairly.")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: synthesise, check, describe, split.")
+app.add_typer(data_app, name="data")
+
+
+def _fail(e: Exception) -> None:
+    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+# ---------------------------------------------------------------------------
+# bench data ...
+# ---------------------------------------------------------------------------
+
+@data_app.command("synth")
+def data_synth(out: Path = typer.Option(..., "--out", help="Folder to write train.csv and train/*.png into."),
+               images: int = typer.Option(100, "--images", help="Number of images."),
+               size: str = typer.Option("704x520", "--size", help="WIDTHxHEIGHT."),
+               seed: int = typer.Option(0, "--seed")):
+    """Write the built-in synthetic Sartorius-like dataset (deterministic per seed)."""
+    import time
+
+    from bench.data.synth import generate
+
+    try:
+        w, h = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        _fail(ValueError(f"--size must be WIDTHxHEIGHT, got {size!r}"))
+    t = time.perf_counter()
+    generate(out, n_images=images, size=(w, h), seed=seed)
+    typer.echo(f"wrote {images} images of {w}x{h} to {out} in {time.perf_counter() - t:.1f} s")
+
+
+@data_app.command("check")
+def data_check(data: Path = typer.Argument(..., help="Sartorius folder/csv, COCO json or label-image folder.")):
+    """Read every image and mask; exit non-zero naming the file, row and problem."""
+    from bench.data.io import load_dataset
+    from bench.data.stats import check_dataset
+
+    try:
+        ds = load_dataset(data)
+        s = check_dataset(ds)
+    except (DataError, OSError) as e:
+        _fail(e)
+    typer.echo(f"ok: {s['images']} images, {s['masks']} masks, classes {', '.join(s['classes'])}; "
+               f"{100 * s['overlapping_pixel_fraction']:.2f}% of annotated pixels are in overlapping masks")
+
+
+@data_app.command("stats")
+def data_stats(data: Path = typer.Argument(..., help="Dataset (annotations only is fine: csv or json)."),
+               json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers as JSON.")):
+    """Per class: images, instances, instances per image, mask area quantiles, intensity."""
+    from dataclasses import asdict
+
+    from bench.data.io import load_dataset
+    from bench.data.stats import dataset_stats, stats_table
+
+    try:
+        ds = load_dataset(data, require_images=False)
+        rows = dataset_stats(ds, with_images=any(s.path and s.path.is_file() for s in ds))
+    except (DataError, OSError) as e:
+        _fail(e)
+    typer.echo(stats_table(rows))
+    if json_out:
+        json_out.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+
+
+@data_app.command("split")
+def data_split(data: Path = typer.Argument(...), val: float = typer.Option(0.2, "--val"),
+               seed: int = typer.Option(0, "--seed"),
+               out: Optional[Path] = typer.Option(None, "--out", help="Default: DATA/split.json.")):
+    """Write split.json: stratified by cell type, grouped by sample/well, hashed."""
+    from bench.data.io import load_dataset
+    from bench.data.split import make_split, write_split
+
+    try:
+        ds = load_dataset(data, require_images=False)
+        split = make_split(ds, val, seed)
+    except (DataError, OSError, ValueError) as e:
+        _fail(e)
+    dest = out or ((data if data.is_dir() else data.parent) / "split.json")
+    write_split(split, dest)
+    typer.echo(f"{len(split['train'])} train / {len(split['val'])} val images, hash {split['hash']} -> {dest}")
+
+
+# ---------------------------------------------------------------------------
+# bench eval
+# ---------------------------------------------------------------------------
+
+@app.command("eval")
+def eval_cmd(gt: Path = typer.Option(..., "--gt", help="Sartorius folder or train.csv, or a COCO json."),
+             pred: Path = typer.Option(..., "--pred", help="Kaggle submission csv, COCO results json, or "
+                                                           "cellbench predictions file."),
+             json_out: Optional[Path] = typer.Option(None, "--json", help="Write all numbers as JSON."),
+             resolve_overlaps: bool = typer.Option(False, "--resolve-overlaps",
+                                                   help="Give each pixel to the highest-scoring instance "
+                                                        "instead of rejecting overlapping predictions."),
+             max_dets: int = typer.Option(1000, "--max-dets", help="COCO maxDets per image."),
+             seed: int = typer.Option(0, "--seed", help="Bootstrap seed.")):
+    """Score predictions: Kaggle mAP (exact), COCO AP, per class and threshold, 95% CIs."""
+    from bench.data.io import load_dataset
+    from bench.data.predictions import load_any_predictions
+    from bench.metrics.evaluator import evaluate_predictions
+    from bench.report.tables import eval_table
+    from bench.util import atomic_write_json
+
+    try:
+        ds = load_dataset(gt, require_images=False)
+        sizes = {s.image_id: (s.height, s.width) for s in ds}
+        coco_ids = {s.meta.get("coco_id", s.image_id): s.image_id for s in ds}
+        preds = load_any_predictions(pred, sizes, ds.classes, coco_ids)
+        gtd = {s.image_id: (s.instances, s.cell_type(ds.classes)) for s in ds}
+        res = evaluate_predictions(gtd, preds, ds.classes, resolve_overlaps=resolve_overlaps, max_dets=max_dets,
+                                   seed=seed)
+    except (DataError, OSError, ValueError) as e:
+        _fail(e)
+    typer.echo(eval_table(res))
+    if json_out:
+        atomic_write_json(json_out, res)
+        typer.echo(f"wrote {json_out}")
+
+
+# ---------------------------------------------------------------------------
+# bench models / run / report
+# ---------------------------------------------------------------------------
+
+@app.command("models")
+def models_cmd():
+    """List registered models: framework, installed or not (and how to install), version, devices."""
+    from bench.adapters import registry
+
+    typer.echo(f"{'model':<14} {'framework':<14} {'installed':<10} {'version':<12} {'devices':<10} classes  notes")
+    for name, cls in registry.registered().items():
+        a = cls.available()
+        caps = cls.capabilities
+        typer.echo(f"{name:<14} {cls.framework:<14} {'yes' if a.ok else 'no':<10} {a.version or '-':<12} "
+                   f"{','.join(caps.devices):<10} {'yes' if caps.predicts_classes else 'no':<8} "
+                   f"{'' if a.ok else a.hint}")
+
+
+@app.command("run")
+def run_cmd(models: str = typer.Option(..., "--models", help="Comma-separated specs, e.g. "
+                                                             "'cellpose:diam_mean=20,maskrcnn'."),
+            data: Optional[str] = typer.Option(None, "--data", help="Dataset; default: built-in synthetic."),
+            preset: str = typer.Option("smoke", "--preset", help="smoke | default | paper"),
+            device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+            seed: int = typer.Option(0, "--seed"),
+            out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default results/runs/<stamp>)."),
+            resume: bool = typer.Option(False, "--resume", help="Continue --out (or the latest run)."),
+            val: float = typer.Option(0.2, "--val", help="Validation fraction of the split.")):
+    """Train and score models on one split; each model in its own process. Exit code = failed models."""
+    from bench.adapters.registry import ConfigError
+    from bench.runner.run import run_benchmark, summary_table
+
+    try:
+        if data is not None and not Path(data).exists():
+            raise DataError(data, "dataset path does not exist")
+        run_dir, outcomes = run_benchmark(models.split(","), data, preset, device, seed, out, resume, val)
+    except (DataError, ConfigError, OSError, ValueError, RuntimeError) as e:
+        _fail(e)
+    typer.echo("\n" + summary_table(outcomes))
+    failed = sum(o.state == "failed" for o in outcomes)
+    missing = [o.label for o in outcomes if o.state == "not installed"]
+    typer.echo(f"\nrun folder: {run_dir}" + (f"\nnot installed: {', '.join(missing)}" if missing else ""))
+    raise typer.Exit(min(failed, 100))
+
+
+@app.command("report")
+def report_cmd(runs: Optional[list[Path]] = typer.Argument(None, help="Run folders (default: the latest)."),
+               out: Path = typer.Option(Path("results"), "--out", help="Where leaderboard.* and plots go.")):
+    """Leaderboard (md, csv, html) and PNG plots from one or more runs."""
+    from bench.report.leaderboard import write_report
+    from bench.runner.run import latest_run
+
+    runs = list(runs or [])
+    if not runs:
+        last = latest_run()
+        if last is None:
+            _fail(FileNotFoundError("no run found in results/runs: run `bench run` first"))
+        runs = [last]
+    try:
+        paths = write_report(runs, out)
+    except (DataError, OSError, ValueError) as e:
+        _fail(e)
+    for p in paths:
+        typer.echo(f"wrote {p}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

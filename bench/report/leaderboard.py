@@ -1,0 +1,225 @@
+"""``bench report``: leaderboard tables (md, csv, self-contained html) and PNG plots.
+
+Reads only finished results (``metrics.json``, ``train_log.jsonl``, predictions) from
+run folders; never writes into them. Several runs of the same model (seeds) are
+aggregated into mean and spread; paired tests compare models within one run, on the
+same validation images.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from bench.metrics.bootstrap import paired_bootstrap
+from bench.util import atomic_write_text
+
+
+def load_runs(run_dirs: list[Path]) -> list[dict]:
+    """One record per (run, model): metrics if finished, else its state from the manifest."""
+    rows = []
+    for rd in run_dirs:
+        rd = Path(rd)
+        mpath = rd / "manifest.json"
+        if not mpath.is_file():
+            raise FileNotFoundError(f"{rd}: not a run folder (no manifest.json)")
+        manifest = json.loads(mpath.read_text())
+        states = manifest.get("models_state", {})
+        for mdir in sorted((rd / "models").glob("*")) if (rd / "models").is_dir() else []:
+            rec = {"run": rd, "label": mdir.name, "dir": mdir, "manifest": manifest,
+                   "state": states.get(mdir.name, {}).get("state", "unknown"),
+                   "detail": states.get(mdir.name, {}).get("detail", "")}
+            if (mdir / "metrics.json").is_file():
+                rec["metrics"] = json.loads((mdir / "metrics.json").read_text())
+                rec["state"] = "done"
+            if (mdir / "tuning.json").is_file():
+                rec["tuning"] = json.loads((mdir / "tuning.json").read_text())
+            rows.append(rec)
+    return rows
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Leaderboard rows: one per model label, seeds aggregated, best first."""
+    by: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by[r["label"]].append(r)
+    out = []
+    for label, rs in by.items():
+        done = [r for r in rs if "metrics" in r]
+        if not done:
+            out.append({"model": label, "state": rs[-1]["state"], "detail": rs[-1]["detail"], "n_runs": 0})
+            continue
+        ms = [r["metrics"] for r in done]
+        k = np.array([m["kaggle_map"] for m in ms])
+        t = [m.get("timings", {}) for m in ms]
+        row = {
+            "model": label, "state": "done", "n_runs": len(done),
+            "framework": f"{ms[0]['framework']['name']} {ms[0]['framework'].get('version') or ''}".strip(),
+            "kaggle_map": float(k.mean()), "kaggle_map_sd": float(k.std(ddof=1)) if len(k) > 1 else None,
+            "kaggle_map_ci95": ms[0]["kaggle_map_ci95"] if len(ms) == 1 else
+            [float(np.mean([m["kaggle_map_ci95"][0] for m in ms])), float(np.mean([m["kaggle_map_ci95"][1] for m in ms]))],
+            "coco_AP": _mean([m.get("coco", {}).get("AP") for m in ms]),
+            "coco_AP50": _mean([m.get("coco", {}).get("AP50") for m in ms]),
+            "per_class": {c: _mean([m["per_class"].get(c) for m in ms]) for c in ms[0]["per_class"]},
+            "per_threshold": {th: _mean([m["per_threshold"][th] for m in ms]) for th in ms[0]["per_threshold"]},
+            "train_s": _mean([x.get("train_seconds") for x in t]),
+            "s_per_iter": _mean([x.get("seconds_per_iteration") for x in t]),
+            "infer_ms": _mean([x.get("infer_ms_per_image") for x in t]),
+            "peak_rss_mb": _mean([max(x.get("fit_peak_rss_mb") or 0, x.get("predict_peak_rss_mb") or 0) for x in t]),
+            "cuda_peak_mb": _mean([x.get("predict_cuda_peak_mb") for x in t]),
+            "device": done[0]["manifest"].get("device"),
+            "runs": done,
+        }
+        tunings = [r["tuning"] for r in done if "tuning" in r]
+        if tunings:
+            row["tuned_in_sample"] = _mean([x["tuned_in_sample"] for x in tunings])
+            row["tuned_cv"] = _mean([x["tuned_cv"] for x in tunings])
+        out.append(row)
+    out.sort(key=lambda r: (r["state"] != "done", -(r.get("kaggle_map") or 0)))
+    _paired_vs_best(out)
+    return out
+
+
+def _paired_vs_best(rows: list[dict]) -> None:
+    done = [r for r in rows if r["state"] == "done"]
+    if not done:
+        return
+    best = done[0]
+    for r in done:
+        if r is best:
+            r["vs_best"] = "best"
+            continue
+        # same run, same images: the first run both models finished in
+        pair = next(((a, b) for a in r["runs"] for b in best["runs"] if a["run"] == b["run"]), None)
+        if pair is None:
+            r["vs_best"] = "n/a (no common run)"
+            continue
+        test = paired_bootstrap(pair[0]["metrics"]["per_image"], pair[1]["metrics"]["per_image"],
+                                seed=pair[0]["metrics"].get("seed", 0))
+        r["paired"] = test.as_dict()
+        r["vs_best"] = "worse" if test.verdict == "worse" else "not distinguishable" if test.verdict != "better" else "better"
+
+
+def _mean(vals):
+    v = [x for x in vals if x is not None and x == x]
+    return float(np.mean(v)) if v else None
+
+
+def _fmt(x, nd=4):
+    return "" if x is None else f"{x:.{nd}f}"
+
+
+COLUMNS = ["model", "state", "framework", "kaggle_map", "ci_lo", "ci_hi", "sd_over_runs", "n_runs", "coco_AP",
+           "coco_AP50", "tuned_in_sample", "tuned_cv", "vs_best", "p_beats_best", "train_s", "s_per_iter",
+           "infer_ms", "peak_rss_mb", "cuda_peak_mb", "device"]
+
+
+def _flat(r: dict, classes: list[str]) -> dict:
+    ci = r.get("kaggle_map_ci95") or [None, None]
+    p = r.get("paired", {})
+    d = {"model": r["model"], "state": r["state"], "framework": r.get("framework", ""),
+         "kaggle_map": r.get("kaggle_map"), "ci_lo": ci[0], "ci_hi": ci[1], "sd_over_runs": r.get("kaggle_map_sd"),
+         "n_runs": r.get("n_runs"), "coco_AP": r.get("coco_AP"), "coco_AP50": r.get("coco_AP50"),
+         "tuned_in_sample": r.get("tuned_in_sample"), "tuned_cv": r.get("tuned_cv"),
+         "vs_best": r.get("vs_best", r.get("detail", "")), "p_beats_best": 1 - p["p_a_better"] if p else None,
+         "train_s": r.get("train_s"), "s_per_iter": r.get("s_per_iter"), "infer_ms": r.get("infer_ms"),
+         "peak_rss_mb": r.get("peak_rss_mb"), "cuda_peak_mb": r.get("cuda_peak_mb"), "device": r.get("device")}
+    for c in classes:
+        d[f"map_{c}"] = (r.get("per_class") or {}).get(c)
+    return d
+
+
+def markdown_table(rows: list[dict], classes: list[str]) -> str:
+    head = ["model", "Kaggle mAP [95% CI]", "COCO AP", "AP50", *classes, "untuned / tuned in-sample (optimistic) / tuned CV",
+            "vs best", "train s", "s/iter", "ms/img", "peak RSS MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r["state"] != "done":
+            lines.append(f"| {r['model']} | {r['state']}: {r.get('detail', '')[:120]} |" + " |" * (len(head) - 2))
+            continue
+        ci = r["kaggle_map_ci95"]
+        sd = f" ±{r['kaggle_map_sd']:.4f} sd ({r['n_runs']} runs)" if r.get("kaggle_map_sd") is not None else ""
+        tuned = (f"{r['kaggle_map']:.4f} / {_fmt(r.get('tuned_in_sample'))} / {_fmt(r.get('tuned_cv'))}"
+                 if r.get("tuned_cv") is not None else "not tuned (bench tune)")
+        vs = r.get("vs_best", "")
+        if r.get("paired"):
+            vs += f" (P(best better)={1 - r['paired']['p_a_better']:.2f})"
+        lines.append("| " + " | ".join([
+            r["model"], f"**{r['kaggle_map']:.4f}** [{ci[0]:.4f}, {ci[1]:.4f}]{sd}", _fmt(r["coco_AP"]),
+            _fmt(r["coco_AP50"]), *[_fmt(r["per_class"].get(c)) for c in classes], tuned, vs,
+            _fmt(r["train_s"], 1), _fmt(r["s_per_iter"], 3), _fmt(r["infer_ms"], 1), _fmt(r["peak_rss_mb"], 0)]) + " |")
+    return "\n".join(lines)
+
+
+def write_report(run_dirs: list[Path], out: Path) -> list[Path]:
+    rows_raw = load_runs(run_dirs)
+    if not rows_raw:
+        raise ValueError(f"no models in {', '.join(map(str, run_dirs))}")
+    rows = aggregate(rows_raw)
+    classes = rows_raw[0]["manifest"].get("classes", [])
+    classes = [c for c in classes if any(c in (r.get("per_class") or {}) for r in rows)]
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    from bench.report import plots
+
+    pngs = plots.all_plots(rows, rows_raw, out)
+    written += pngs
+    m0 = rows_raw[0]["manifest"]
+    header = (f"# cellbench leaderboard\n\nRuns: {', '.join(str(Path(r).name) for r in run_dirs)}; data: "
+              f"`{m0.get('dataset')}` ({m0.get('n_train')} train / {m0.get('n_val')} val images, split "
+              f"`{m0.get('split_hash')}`), preset `{m0.get('preset')}`, device `{m0.get('device')}`, "
+              f"seed(s) {sorted({r['manifest'].get('seed') for r in rows_raw})}.\n\n"
+              "Kaggle mAP: the competition metric (IoU > t, t = 0.50..0.95, mean over images), 95% bootstrap CI "
+              "over images. 'vs best': paired bootstrap on the same images (worse = the difference's 95% CI "
+              "excludes 0).\n\n")
+    md = header + markdown_table(rows, classes) + "\n\n" + "\n".join(
+        f"![{p.stem}]({p.name})" for p in pngs) + "\n"
+    atomic_write_text(out / "leaderboard.md", md)
+    written.append(out / "leaderboard.md")
+
+    buf = io.StringIO()
+    cols = COLUMNS[:10] + [f"map_{c}" for c in classes] + COLUMNS[10:]
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if v is None else v) for k, v in _flat(r, classes).items()})
+    atomic_write_text(out / "leaderboard.csv", buf.getvalue())
+    written.append(out / "leaderboard.csv")
+
+    atomic_write_text(out / "leaderboard.html", _html(header, rows, classes, pngs))
+    written.append(out / "leaderboard.html")
+    return written
+
+
+def _html(header_md: str, rows: list[dict], classes: list[str], pngs: list[Path]) -> str:
+    import html
+
+    cols = ["model", "Kaggle mAP", "95% CI", "COCO AP", "AP50", *classes, "vs best", "train s", "ms/img", "peak RSS MB"]
+    trs = []
+    for r in rows:
+        if r["state"] != "done":
+            trs.append(f"<tr><td>{html.escape(r['model'])}</td><td colspan={len(cols) - 1}>"
+                       f"{html.escape(r['state'])}: {html.escape(r.get('detail', '')[:200])}</td></tr>")
+            continue
+        ci = r["kaggle_map_ci95"]
+        cells = [r["model"], _fmt(r["kaggle_map"]), f"[{ci[0]:.4f}, {ci[1]:.4f}]", _fmt(r["coco_AP"]),
+                 _fmt(r["coco_AP50"]), *[_fmt(r["per_class"].get(c)) for c in classes], r.get("vs_best", ""),
+                 _fmt(r["train_s"], 1), _fmt(r["infer_ms"], 1), _fmt(r["peak_rss_mb"], 0)]
+        trs.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    imgs = "".join(f"<h3>{html.escape(p.stem)}</h3><img alt='{html.escape(p.stem)}' src='data:image/png;base64,"
+                   f"{base64.b64encode(p.read_bytes()).decode()}'/>" for p in pngs)
+    intro = "".join(f"<p>{html.escape(line)}</p>" for line in header_md.splitlines()[1:] if line.strip())
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>cellbench leaderboard</title><style>"
+            "body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
+            "img{max-width:100%}</style></head><body><h1>cellbench leaderboard</h1>" + intro +
+            "<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>" + "".join(trs) +
+            "</table>" + imgs + "</body></html>")
+

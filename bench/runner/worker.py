@@ -1,0 +1,237 @@
+"""One model, one subprocess: fit -> predict -> evaluate, each stage resumable.
+
+Run as ``python -m bench.runner.worker MODEL_DIR``; everything it needs is in
+``MODEL_DIR/job.json`` and the run folder. Each stage writes its outputs atomically
+and finishes by writing a ``<stage>.done.json`` marker, so ``--resume`` skips exactly
+the finished stages and nothing finished is ever rewritten. A crash anywhere leaves
+``status.json`` saying which stage failed and why (the parent also records signals,
+e.g. the OOM killer, that no Python code sees).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from bench.util import append_jsonl, atomic_write_json
+
+EXIT_OK, EXIT_FAILED, EXIT_NOT_INSTALLED = 0, 1, 3
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KB
+
+
+def _cuda_peak_mb(device: str) -> float | None:
+    if not device.startswith("cuda") or "torch" not in sys.modules:
+        return None
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2 ** 20
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda") and "torch" in sys.modules:
+        import torch
+
+        torch.cuda.synchronize()
+
+
+class Progress:
+    """tqdm on the terminal the runner was started from (its fd is handed over), not in log.txt."""
+
+    def __init__(self, desc: str):
+        self.desc, self.bar = desc, None
+        fd = os.environ.get("CELLBENCH_PROGRESS_FD")
+        self.stream = os.fdopen(int(fd), "w", buffering=1, closefd=False) if fd else None
+
+    def __call__(self, done: int, total: int, info: dict | None = None) -> None:
+        if self.stream is None:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            tty = self.stream.isatty()
+            self.bar = tqdm(total=total, desc=self.desc, file=self.stream, mininterval=0.5 if tty else 10,
+                            dynamic_ncols=tty, leave=True)
+        self.bar.total = total
+        self.bar.n = done
+        if info:
+            self.bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in info.items()},
+                                 refresh=False)
+        self.bar.refresh() if done >= total else self.bar.update(0)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _status(model_dir: Path, **kw) -> None:
+    path = model_dir / "status.json"
+    cur = json.loads(path.read_text()) if path.is_file() else {}
+    cur.update(kw, updated=time.time())
+    atomic_write_json(path, cur)
+
+
+def main(model_dir: Path) -> int:
+    from bench.adapters import registry
+    from bench.adapters.base import FitContext
+    from bench.data.io import load_dataset
+    from bench.data.predictions import read_predictions, write_predictions
+    from bench.data.split import read_split
+    from bench.metrics.evaluator import evaluate_predictions
+
+    job = json.loads((model_dir / "job.json").read_text())
+    run_dir = model_dir.parent.parent
+    name, opts = registry.parse_spec(job["spec"])
+    cls = registry.get(name)
+    avail = cls.available()
+    if not avail.ok:
+        _status(model_dir, state="not installed", hint=avail.hint)
+        print(f"{name}: not installed: {avail.hint}", flush=True)
+        return EXIT_NOT_INSTALLED
+    cfg = cls.Config(**job["config"])
+    device = job["device"]
+    if device.split(":")[0] not in cls.capabilities.devices:
+        raise RuntimeError(f"{name} does not run on {device} (devices: {cls.capabilities.devices})")
+
+    dataset = load_dataset(job["data"])
+    split = read_split(run_dir / "split.json", dataset)
+    train, val = dataset.subset(split["train"]), dataset.subset(split["val"])
+    adapter = cls(cfg, dataset.classes, device)
+    ckpt = model_dir / "checkpoint"
+
+    # ---- fit ----------------------------------------------------------------------
+    if (model_dir / "fit.done.json").is_file():
+        adapter.load(ckpt)
+        print("fit: done earlier, checkpoint loaded", flush=True)
+    else:
+        _status(model_dir, state="running", stage="fit")
+        log_path = model_dir / "train_log.jsonl"
+        log_path.unlink(missing_ok=True)  # an unfinished fit starts over: its log does too
+        bar = Progress(f"{job['label']} train")
+        steps = {"n": 0}
+
+        def progress(done, total, info):
+            steps["n"] = max(steps["n"], done)
+            steps["total"] = total
+            bar(done, total, info)
+
+        ctx = FitContext(model_dir / "work", device, job["seed"], progress,
+                         lambda rec: append_jsonl(log_path, {**rec, "t": time.time()}))
+        ctx.workdir.mkdir(parents=True, exist_ok=True)
+        _seed_everything(job["seed"])
+        t0 = time.perf_counter()
+        adapter.fit(list(train), list(val), cfg, ctx)
+        train_s = time.perf_counter() - t0
+        bar.close()
+        tmp = model_dir / "checkpoint.tmp"
+        _rmtree(tmp)
+        adapter.save(tmp)
+        _rmtree(ckpt)
+        os.replace(tmp, ckpt)
+        atomic_write_json(model_dir / "fit.done.json", {
+            "train_seconds": train_s, "iterations": steps.get("total", steps["n"]),
+            "seconds_per_iteration": train_s / max(steps.get("total", steps["n"]) or 1, 1),
+            "peak_rss_mb": _rss_mb(), "cuda_peak_mb": _cuda_peak_mb(device)})
+
+    # ---- predict --------------------------------------------------------------------
+    pred_path = model_dir / "predictions.jsonl.gz"
+    if (model_dir / "predict.done.json").is_file():
+        preds, _ = read_predictions(pred_path)
+    else:
+        _status(model_dir, state="running", stage="predict")
+        t_io = time.perf_counter()
+        samples = list(val)
+        for s in samples:  # I/O first, so it is timed apart from inference
+            s._image = s.image
+        io_s = time.perf_counter() - t_io
+        warmup = min(job.get("warmup", 1), len(samples))
+        for s in samples[:warmup]:
+            adapter.predict([s])
+        _sync(device)
+        if device.startswith("cuda") and "torch" in sys.modules:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        bar = Progress(f"{job['label']} predict")
+        preds, times = {}, []
+        for k, s in enumerate(samples):
+            t0 = time.perf_counter()
+            out = adapter.predict([s])[0]
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+            preds[s.image_id] = out
+            bar(k + 1, len(samples))
+        bar.close()
+        write_predictions(pred_path, preds, dataset.classes, {"model": job["spec"], "split": split["hash"]})
+        atomic_write_json(model_dir / "predict.done.json", {
+            "images": len(samples), "warmup_images": warmup,
+            "infer_ms_per_image": 1000 * float(np.mean(times)) if times else None,
+            "infer_ms_per_image_median": 1000 * float(np.median(times)) if times else None,
+            "io_ms_per_image": 1000 * io_s / max(len(samples), 1),
+            "peak_rss_mb": _rss_mb(), "cuda_peak_mb": _cuda_peak_mb(device)})
+
+    # ---- evaluate ----------------------------------------------------------------------
+    if not (model_dir / "metrics.json").is_file():
+        _status(model_dir, state="running", stage="evaluate")
+        gt = {s.image_id: (s.instances, s.cell_type(dataset.classes)) for s in val}
+        res = evaluate_predictions(gt, preds, dataset.classes, resolve_overlaps=True,
+                                   max_dets=job.get("max_dets", 1000), seed=job["seed"])
+        fit_t = json.loads((model_dir / "fit.done.json").read_text())
+        pred_t = json.loads((model_dir / "predict.done.json").read_text())
+        res["timings"] = {**{f"fit_{k}" if k.startswith(("peak", "cuda")) else k: v for k, v in fit_t.items()},
+                          **{f"predict_{k}" if k.startswith(("peak", "cuda")) else k: v for k, v in pred_t.items()}}
+        res["model"] = job["spec"]
+        res["label"] = job["label"]
+        res["capabilities"] = vars(cls.capabilities) | {"devices": list(cls.capabilities.devices)}
+        res["framework"] = {"name": cls.framework, "version": avail.version}
+        res["split_hash"] = split["hash"]
+        res["seed"] = job["seed"]
+        atomic_write_json(model_dir / "metrics.json", res)
+    _status(model_dir, state="done", stage=None)
+    return EXIT_OK
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    if "torch" in sys.modules or _has_torch():
+        import torch
+
+        torch.manual_seed(seed)
+
+
+def _has_torch() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+def _rmtree(p: Path) -> None:
+    import shutil
+
+    if p.exists():
+        shutil.rmtree(p)
+
+
+if __name__ == "__main__":
+    model_dir = Path(sys.argv[1])
+    try:
+        code = main(model_dir)
+    except BaseException as e:  # noqa: BLE001 - record every failure, then exit non-zero
+        tb = traceback.format_exc()
+        print(tb, file=sys.stderr, flush=True)
+        stage = json.loads((model_dir / "status.json").read_text()).get("stage") if (model_dir / "status.json").is_file() else None
+        _status(model_dir, state="failed", stage=stage, error=f"{type(e).__name__}: {e}", traceback=tb[-4000:])
+        code = EXIT_FAILED
+    sys.exit(code)
