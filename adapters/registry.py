@@ -42,6 +42,32 @@ def _load_all() -> None:
         except ModuleNotFoundError as e:
             if e.name != f"bench.adapters.{m}":
                 raise
+    load_plugins()
+
+
+def load_plugins() -> None:
+    """Extra adapter modules (paths or module names) from CELLBENCH_PLUGINS, ':'-separated.
+
+    The runner's subprocesses inherit the variable, so out-of-tree adapters (and the
+    test suite's fake adapter) register there too.
+    """
+    import importlib.util
+    import os
+    import sys
+
+    for item in filter(None, os.environ.get("CELLBENCH_PLUGINS", "").split(os.pathsep)):
+        if item.endswith(".py"):
+            name = f"cellbench_plugin_{Path(item).stem}"
+            if name in sys.modules:
+                continue
+            spec = importlib.util.spec_from_file_location(name, item)
+            if spec is None or spec.loader is None:
+                raise ConfigError(f"CELLBENCH_PLUGINS: cannot load {item}")
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[name] = mod
+            spec.loader.exec_module(mod)
+        else:
+            importlib.import_module(item)
 
 
 def registered() -> dict[str, type[Adapter]]:
@@ -74,7 +100,7 @@ def split_specs(models: str) -> list[str]:
     for part in (p.strip() for p in models.split(",")):
         if not part:
             continue
-        if "=" in part.split(":")[0] or (specs and "=" in part and ":" not in part):
+        if "=" in part.split(":")[0] and specs:
             specs[-1] += "," + part
         else:
             specs.append(part)

@@ -55,6 +55,7 @@ def make_split(dataset: Dataset, val: float = 0.2, seed: int = 0) -> dict:
         by_type[ct][g].append(s.image_id)
     rng = np.random.default_rng(seed)
     val_ids: list[str] = []
+    leftovers: list[tuple[str, str]] = []
     for ct in sorted(by_type):
         groups = by_type[ct]
         names = sorted(groups)
@@ -71,6 +72,14 @@ def make_split(dataset: Dataset, val: float = 0.2, seed: int = 0) -> dict:
                 taken += n
         for g in chosen:
             val_ids.extend(groups[g])
+        leftovers.extend((ct, g) for g in order if g not in chosen)
+    if not val_ids:  # tiny data: no type had two groups' worth; move the smallest spare group
+        spare = [(len(by_type[ct][g]), ct, g) for ct, g in leftovers
+                 if sum(1 for c2, _ in leftovers if c2 == ct) >= 2]
+        if not spare:
+            raise DataError(dataset.name, f"too small to split: {len(group_type)} group(s) of images; "
+                                          "every cell type needs one group in train")
+        val_ids.extend(by_type[min(spare)[1]][min(spare)[2]])
     val_set = set(val_ids)
     train_ids = sorted(s.image_id for s in dataset.samples if s.image_id not in val_set)
     val_ids = sorted(val_set)

@@ -1,0 +1,72 @@
+"""A fake adapter for testing the runner itself (crash isolation, resume): no framework.
+
+It "predicts" the ground truth (so its score is known: 1.0) and can crash on demand.
+Counters in files let tests see how often each stage really ran.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from bench.adapters.base import Adapter, AdapterConfig, Capabilities
+from bench.adapters.registry import register
+
+
+class FakeConfig(AdapterConfig):
+    mode: Literal["ok", "crash_fit", "crash_predict", "crash_predict_once", "kill", "drop_half"] = "ok"
+    counter_dir: str = ""
+    iterations: int = 3
+
+
+def _bump(cfg: FakeConfig, what: str) -> int:
+    if not cfg.counter_dir:
+        return 0
+    p = Path(cfg.counter_dir) / f"{what}.count"
+    n = int(p.read_text()) + 1 if p.is_file() else 1
+    p.write_text(str(n))
+    return n
+
+
+@register("fake")
+class FakeAdapter(Adapter):
+    framework = "numpy"
+    framework_modules = ("numpy",)
+    capabilities = Capabilities(predicts_classes=True, overlapping_masks=True, devices=("cpu",))
+    Config = FakeConfig
+
+    def fit(self, train, val, cfg, ctx):
+        self.cfg = cfg
+        _bump(cfg, "fit")
+        if cfg.mode == "crash_fit":
+            raise RuntimeError("fake crash in fit")
+        for i in range(cfg.iterations):
+            ctx.log(iteration=i + 1, loss=1.0 / (i + 1))
+            ctx.report(i + 1, cfg.iterations)
+
+    def predict(self, samples):
+        c = self.cfg
+        if c.mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if c.mode == "crash_predict" or (c.mode == "crash_predict_once" and _bump(c, "predict_attempt") == 1):
+            raise RuntimeError("fake crash in predict")
+        out = []
+        for s in samples:
+            inst = s.instances
+            keep = np.arange(len(inst)) % 2 == 0 if c.mode == "drop_half" else np.ones(len(inst), bool)
+            p = inst.subset(keep)
+            p.scores = np.linspace(1, 0.5, len(p))
+            out.append(p)
+        return out
+
+    def save(self, directory):
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "fake.json").write_text(self.cfg.model_dump_json())
+
+    def load(self, directory):
+        self.cfg = self.Config(**json.loads((directory / "fake.json").read_text()))
