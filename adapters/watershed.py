@@ -20,6 +20,8 @@ from bench.data.sample import Instances, Sample
 
 
 class WatershedConfig(AdapterConfig):
+    # phase contrast: local contrast; fluorescence (bright cells on dark): plain intensity
+    feature: Literal["contrast", "intensity"] = "contrast"
     background_sigma: float = 12.0      # px; scale of the illumination/background estimate
     smooth_sigma: float = 1.5           # px; smoothing of the contrast image
     threshold: Literal["otsu", "li", "triangle"] = "otsu"
@@ -53,7 +55,10 @@ class WatershedAdapter(Adapter):
         img = image.astype(np.float32)
         if img.ndim == 3:
             img = img.mean(axis=2)
-        contrast = filters.gaussian(np.abs(img - filters.gaussian(img, c.background_sigma)), c.smooth_sigma)
+        if c.feature == "contrast":
+            contrast = filters.gaussian(np.abs(img - filters.gaussian(img, c.background_sigma)), c.smooth_sigma)
+        else:
+            contrast = filters.gaussian(img, c.smooth_sigma)
         thr_fn = {"otsu": filters.threshold_otsu, "li": filters.threshold_li, "triangle": filters.threshold_triangle}
         fg = contrast > thr_fn[c.threshold](contrast) * c.threshold_scale
         if c.fill_holes:

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# multi-threaded torch on a loaded 2-core box is ~10x slower than single-threaded (DEVELOPERS.md)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -1,0 +1,276 @@
+"""Detectron2 Mask R-CNN adapter.
+
+Everything that does not need detectron2 (the paper preset's mapping onto detectron2
+keys, dataset dicts, availability, config validation) runs everywhere; the tests that
+train the real framework are marked ``detectron2`` and skip where it is not importable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.adapters import detectron2_maskrcnn as d2m
+from bench.adapters.base import FitContext
+from bench.adapters.registry import ConfigError, build, get, make_config
+from bench.data.rle import from_coco_segmentation
+from bench.data.sample import Instances, Sample
+
+HAS_D2 = importlib.util.find_spec("detectron2") is not None
+needs_d2 = [pytest.mark.detectron2, pytest.mark.skipif(not HAS_D2, reason="detectron2 is not installed")]
+CLASSES = ["shsy5y", "astro", "cort"]
+
+
+# ---------------------------------------------------------------------------
+# fixtures
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """8 synthetic 160x128 images (Sartorius format), read back as a cellbench dataset."""
+    from bench.data.io import read_sartorius
+    from bench.data.synth import generate
+
+    root = tmp_path_factory.mktemp("synth_d2")
+    generate(root, n_images=8, size=(160, 128), seed=0)
+    return read_sartorius(root)
+
+
+def _square_sample(image_id="a", h=40, w=50, dtype=np.uint8, with_path=None) -> Sample:
+    m1 = np.zeros((h, w), bool)
+    m1[5:15, 10:30] = True
+    m2 = np.zeros((h, w), bool)
+    m2[20:35, 2:9] = True
+    inst = Instances.from_masks(np.stack([m1, m2]), classes=np.array([2, 0]))
+    img = (np.arange(h * w).reshape(h, w) % 251).astype(dtype)
+    return Sample(image_id, inst, path=with_path, _image=None if with_path else img)
+
+
+# ---------------------------------------------------------------------------
+# without detectron2
+# ---------------------------------------------------------------------------
+
+def test_registered_and_declared():
+    cls = get("maskrcnn")
+    assert cls is d2m.Detectron2MaskRCNN
+    assert cls.framework == "detectron2"
+    assert cls.framework_modules == ("detectron2", "detectron2.model_zoo")
+    assert cls.capabilities.predicts_classes and cls.capabilities.overlapping_masks
+    assert "make setup-detectron2 D2_SRC=" in cls.install_hint
+
+
+def test_unavailable_gives_install_hint(monkeypatch):
+    # None in sys.modules makes any import of the name fail with ModuleNotFoundError
+    for mod in ("detectron2", "detectron2.model_zoo"):
+        monkeypatch.setitem(sys.modules, mod, None)
+    av = d2m.Detectron2MaskRCNN.available()
+    assert not av.ok and av.version is None
+    assert "detectron2 has no PyPI package: make setup-detectron2 D2_SRC=" in av.hint
+
+
+def test_paper_preset_lands_on_detectron2_keys():
+    cfg = make_config("maskrcnn", "paper")
+    o = d2m.to_detectron2_opts(cfg, num_classes=3, device="cuda", pixel_mean=[1.0, 2.0, 3.0], pixel_std=[4.0] * 3)
+    expected = {
+        "MODEL.RESNETS.DEPTH": 50,
+        "MODEL.ANCHOR_GENERATOR.SIZES": [[24.0], [40.0], [80.0], [128.0], [256.0]],
+        "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS": [[0.33, 1.0, 3.0]],
+        "MODEL.RPN.IOU_THRESHOLDS": [0.2, 0.7],
+        "MODEL.RPN.NMS_THRESH": 0.75,
+        "MODEL.RPN.PRE_NMS_TOPK_TRAIN": 15000,
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN": 3000,
+        "MODEL.RPN.PRE_NMS_TOPK_TEST": 10000,
+        "MODEL.RPN.POST_NMS_TOPK_TEST": 2000,
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 512,
+        "TEST.DETECTIONS_PER_IMAGE": 700,
+        "MODEL.PIXEL_MEAN": [127.965] * 3,       # the preset's value wins over the data's
+        "MODEL.PIXEL_STD": [4.0] * 3,            # not set by the preset: the data's
+        "SOLVER.BASE_LR": 5e-4,
+        "SOLVER.GAMMA": 0.8,
+        "SOLVER.STEPS": (2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000),
+        "SOLVER.MAX_ITER": 10000,
+        "MODEL.BACKBONE.FREEZE_AT": 1,
+        "INPUT.RANDOM_FLIP": "horizontal",
+        "INPUT.MASK_FORMAT": "bitmask",
+        "MODEL.ROI_HEADS.NUM_CLASSES": 3,
+        "MODEL.DEVICE": "cuda",
+        "MODEL.WEIGHTS": "",
+        "MODEL.MASK_ON": True,
+    }
+    for k, v in expected.items():
+        assert o[k] == v, (k, o[k], v)
+        assert type(o[k]) is type(v), k  # yacs refuses e.g. an int where a float was
+    assert len(o["INPUT.MIN_SIZE_TRAIN"]) > 1 and o["INPUT.MIN_SIZE_TRAIN_SAMPLING"] == "choice"  # multi-scale
+    assert "detectron2" not in sys.modules or HAS_D2  # the mapping itself imports nothing
+
+
+def test_every_preset_validates_and_maps():
+    for preset in ("smoke", "default", "paper"):
+        cfg = make_config("maskrcnn", preset)
+        o = d2m.to_detectron2_opts(cfg, num_classes=3, device="cpu")
+        assert o["MODEL.WEIGHTS"] == ""           # never the zoo's download URL
+        assert o["TEST.DETECTIONS_PER_IMAGE"] >= 700
+        assert all(k.isupper() or "." in k for k in o)
+    smoke = make_config("maskrcnn", "smoke")
+    assert smoke.resnet_depth <= 50 and smoke.max_iter <= 500
+    assert d2m.to_detectron2_opts(smoke)["MODEL.RESNETS.RES2_OUT_CHANNELS"] == (64 if smoke.resnet_depth < 50 else 256)
+
+
+def test_weights_path_goes_to_model_weights(tmp_path):
+    w = tmp_path / "w.pth"
+    w.write_bytes(b"x")
+    cfg = make_config("maskrcnn", "smoke", {"weights": str(w)})
+    assert d2m.to_detectron2_opts(cfg)["MODEL.WEIGHTS"] == str(w)
+
+
+@pytest.mark.parametrize("bad", [
+    {"no_such_option": 1},
+    {"anchor_sizes": [8, 16, 32]},                  # needs one per FPN level
+    {"rpn_iou_thresholds": [0.8, 0.3]},
+    {"steps": [300, 100]},
+    {"random_flip": "diagonal"},
+    {"pixel_std": 0},
+    {"resnet_depth": 42},
+])
+def test_config_validation(bad):
+    with pytest.raises(ConfigError):
+        make_config("maskrcnn", "smoke", bad)
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    missing = tmp_path / "nope" / "model.pkl"
+    m = build(f"maskrcnn:weights={missing}", CLASSES, preset="smoke")
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        m.fit([_square_sample()], [], m.cfg, FitContext(workdir=tmp_path / "w"))
+
+
+def test_dataset_dicts(tmp_path):
+    s = _square_sample()
+    (d,) = d2m.to_dataset_dicts([s], CLASSES, image_dir=tmp_path)
+    assert (d["height"], d["width"], d["image_id"]) == (40, 50, "a")
+    assert Path(d["file_name"]).is_file() and np.array_equal(np.load(d["file_name"]), s.image)
+    a0, a1 = d["annotations"]
+    assert a0["bbox"] == [10.0, 5.0, 20.0, 10.0] and a1["bbox"] == [2.0, 20.0, 7.0, 15.0]
+    assert a0["bbox_mode"] == 1 and a0["category_id"] == 2 and a1["category_id"] == 0 and a0["iscrowd"] == 0
+    assert set(a0["segmentation"]) == {"size", "counts"} and isinstance(a0["segmentation"]["counts"], str)
+    assert np.array_equal(from_coco_segmentation(a0["segmentation"], 40, 50), s.instances.counts[0])
+    # pycocotools reads the RLE back to the same mask
+    from pycocotools import mask as mask_util
+
+    assert np.array_equal(mask_util.decode(a0["segmentation"]).astype(bool), s.instances.dense(0))
+
+
+def test_dataset_dicts_use_the_sample_path(tiny):
+    dicts = d2m.to_dataset_dicts(tiny.samples[:2], tiny.classes)
+    assert [d["file_name"] for d in dicts] == [str(s.path) for s in tiny.samples[:2]]
+    assert sum(len(d["annotations"]) for d in dicts) == sum(len(s.instances) for s in tiny.samples[:2])
+
+
+def test_dataset_dicts_errors():
+    with pytest.raises(ValueError, match="image_dir"):
+        d2m.to_dataset_dicts([_square_sample()], CLASSES)
+    with pytest.raises(ValueError, match="class"):
+        d2m.to_dataset_dicts([_square_sample()], ["only"], image_dir="/tmp")
+
+
+def test_grey_and_uint16_to_bgr8():
+    g = np.array([[0, 100], [200, 255]], np.uint8)
+    out = d2m.to_bgr_uint8(g)
+    assert out.shape == (2, 2, 3) and out.dtype == np.uint8 and (out[..., 0] == g).all() and (out[..., 2] == g).all()
+    u = np.array([[0, 1000], [2000, 4000]], np.uint16)
+    out = d2m.to_bgr_uint8(u)
+    assert out.dtype == np.uint8 and out[1, 1, 0] == 255 and out[0, 1, 0] == 64
+    rgb = np.zeros((2, 2, 3), np.uint8)
+    rgb[..., 0] = 9  # red
+    assert (d2m.to_bgr_uint8(rgb)[..., 2] == 9).all()
+
+
+def test_image_stats(tmp_path):
+    s = _square_sample()
+    mean, std = d2m.image_stats(d2m.to_dataset_dicts([s], CLASSES, image_dir=tmp_path))
+    assert mean == pytest.approx([float(s.image.mean())] * 3, abs=1e-3)
+    assert std == pytest.approx([float(s.image.std())] * 3, abs=1e-2)
+
+
+# ---------------------------------------------------------------------------
+# with detectron2: real training on CPU
+# ---------------------------------------------------------------------------
+
+TINY_OPTS = {"max_iter": 12, "steps": [10], "warmup_iters": 2, "log_period": 4, "min_size_train": [128],
+             "min_size_test": 128, "num_workers": 0, "score_thresh_test": 0.0}
+
+
+@pytest.mark.detectron2
+@pytest.mark.skipif(not HAS_D2, reason="detectron2 is not installed")
+def test_detectron2_config_merges_every_key():
+    m = build("maskrcnn", CLASSES, preset="paper")
+    m.pixel_stats = ([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    d2 = m._d2_config(seed=3)
+    opts = d2m.to_detectron2_opts(m.cfg, num_classes=3, device="cpu", pixel_mean=[1.0, 2.0, 3.0],
+                                  pixel_std=[4.0, 5.0, 6.0], seed=3)
+    for k, v in opts.items():
+        node = d2
+        for part in k.split("."):
+            node = node[part]
+        assert (list(node) if isinstance(node, tuple) else node) == (list(v) if isinstance(v, tuple) else v), k
+    assert d2.MODEL.WEIGHTS == "" and d2.MODEL.PIXEL_MEAN == [127.965] * 3
+
+
+@pytest.mark.detectron2
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_D2, reason="detectron2 is not installed")
+def test_fit_predict_save_load(tiny, tmp_path):
+    from detectron2.data import DatasetCatalog
+
+    train, val = tiny.samples[:6], tiny.samples[6:]
+    # one in-memory sample (no file): written to the work dir for detectron2
+    train = train[:-1] + [Sample("inmem", train[-1].instances, None, dict(train[-1].meta), train[-1].image)]
+    m = build("maskrcnn", tiny.classes, preset="smoke")
+    cfg = make_config("maskrcnn", "smoke", TINY_OPTS)
+    logs, progress = [], []
+    ctx = FitContext(workdir=tmp_path / "run", log_loss=logs.append,
+                     progress=lambda d, t, info: progress.append((d, t)))
+    before = set(DatasetCatalog.list())
+    m.fit(train, val, cfg, ctx)
+    assert set(DatasetCatalog.list()) == before          # registered for the fit only
+    assert [r["step"] for r in logs] == [4, 8, 12]
+    assert all(np.isfinite(r["loss"]) and "loss_mask" in r for r in logs)
+    assert progress[-1] == (12, 12)
+    assert (tmp_path / "run" / "detectron2" / "images" / "inmem.npy").is_file()
+
+    preds = m.predict(val)
+    assert len(preds) == len(val)
+    for p, s in zip(preds, val):
+        assert (p.height, p.width) == (s.height, s.width)
+        assert p.scores is not None and len(p.scores) == len(p)
+        assert ((p.classes >= 0) & (p.classes < 3)).all()
+    assert sum(len(p) for p in preds) > 0  # score_thresh_test=0: an untrained model still proposes
+
+    m.save(tmp_path / "saved")
+    fresh = build("maskrcnn", tiny.classes, preset="smoke")
+    fresh.load(tmp_path / "saved")
+    again = fresh.predict(val)
+    for a, b in zip(preds, again):
+        assert len(a) == len(b)
+        assert np.array_equal(a.scores, b.scores) and np.array_equal(a.classes, b.classes)
+        assert all(np.array_equal(x, y) for x, y in zip(a.counts, b.counts))
+
+    with pytest.raises(ValueError, match="classes"):
+        build("maskrcnn", ["x"], preset="smoke").load(tmp_path / "saved")
+
+
+@pytest.mark.detectron2
+@pytest.mark.skipif(not HAS_D2, reason="detectron2 is not installed")
+def test_uint16_grey_training_step(tmp_path):
+    """A 16-bit grey in-memory sample goes through the mapper and one training step."""
+    s = _square_sample(h=64, w=64, dtype=np.uint16)
+    m = build("maskrcnn", CLASSES, preset="smoke")
+    cfg = make_config("maskrcnn", "smoke", {**TINY_OPTS, "max_iter": 1, "steps": [], "ims_per_batch": 1,
+                                            "min_size_train": [64], "min_size_test": 64})
+    m.fit([s], [], cfg, FitContext(workdir=tmp_path))
+    (p,) = m.predict([s])
+    assert (p.height, p.width) == (64, 64)
