@@ -57,7 +57,9 @@ def data_check(data: Path = typer.Argument(..., help="Sartorius folder/csv, COCO
     except (DataError, OSError) as e:
         _fail(e)
     typer.echo(f"ok: {s['images']} images, {s['masks']} masks, classes {', '.join(s['classes'])}; "
-               f"{100 * s['overlapping_pixel_fraction']:.2f}% of annotated pixels are in overlapping masks")
+               f"{100 * s['overlapping_pixel_fraction']:.2f}% of annotated pixels are in overlapping masks"
+               + (f"; {s['duplicate_masks']} masks repeat another mask of their image (kept)"
+                  if s["duplicate_masks"] else ""))
 
 
 @data_app.command("stats")

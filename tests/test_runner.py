@@ -112,3 +112,30 @@ def test_report_from_a_run(tmp_path, tiny_synth):
     assert csv_text.splitlines()[1].startswith("fake,done")
     assert "worse" in md  # paired test: dropping half the cells is distinguishably worse
     assert "data:image/png;base64," in (tmp_path / "report" / "leaderboard.html").read_text()
+
+
+def test_tiny_smoke_comparison_with_real_adapters(tmp_path, tiny_synth):
+    """The harness end to end with real frameworks: watershed and a few maskrcnn-tv iterations."""
+    tv = ("maskrcnn-tv:iterations=4,min_size=128,max_size=128,box_score_thresh=0.0,detections_per_image=30,"
+          "rpn_post_nms_top_n_test=60,rpn_pre_nms_top_n_test=120,warmup_iters=1,lr_steps=[3]")
+    run_dir, out = _run(tmp_path, ["watershed", tv], tiny_synth)
+    assert [o.state for o in out] == ["done", "done"], [o.detail for o in out]
+    for o in out:
+        m = o.metrics
+        assert 0 <= m["kaggle_map"] <= 1 and m["coco"]["max_dets"] == 1000
+        assert set(m["per_threshold"]) == {f"{t:.2f}" for t in [0.5 + 0.05 * k for k in range(10)]}
+        assert m["timings"]["infer_ms_per_image"] > 0
+    tv_dir = run_dir / "models" / out[1].label
+    assert (tv_dir / "checkpoint" / "model.pt").is_file()
+    assert len((tv_dir / "train_log.jsonl").read_text().splitlines()) >= 1
+
+
+def test_models_command_lists_everything():
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+
+    r = CliRunner().invoke(app, ["models"])
+    assert r.exit_code == 0
+    for name in ("watershed", "maskrcnn-tv", "cellpose", "cascade", "maskrcnn"):
+        assert name in r.output

@@ -71,7 +71,7 @@ def check_dataset(dataset: Dataset) -> dict:
     the pixels: image presence, decodability, size agreement, empty masks.
     """
     seen: set[str] = set()
-    n_masks = overlap_px = annotated_px = 0
+    n_masks = overlap_px = annotated_px = duplicates = 0
     for s in dataset:
         if s.image_id in seen:
             raise DataError(s.meta.get("source", dataset.name), f"duplicate image id {s.image_id}")
@@ -83,6 +83,8 @@ def check_dataset(dataset: Dataset) -> dict:
         for k, p in enumerate(pix):
             if p.size == 0:
                 raise DataError(s.meta.get("source", dataset.name), f"id {s.image_id}: mask {k} is empty")
+        keys = [c.tobytes() for c in s.instances.counts]
+        duplicates += len(keys) - len(set(keys))  # the real Sartorius csv repeats a few masks: kept, reported
         if pix:
             allp = np.concatenate(pix)
             u = np.unique(allp).size
@@ -90,4 +92,4 @@ def check_dataset(dataset: Dataset) -> dict:
             overlap_px += allp.size - u
         n_masks += len(pix)
     return {"images": len(dataset), "masks": n_masks, "classes": dataset.classes,
-            "overlapping_pixel_fraction": overlap_px / max(annotated_px, 1)}
+            "overlapping_pixel_fraction": overlap_px / max(annotated_px, 1), "duplicate_masks": duplicates}
