@@ -78,13 +78,16 @@ class SparseIoUCOCOeval(COCOeval):
         # every other parameter, and computeIoU below is mask IoU whatever the label says.
         self.params.iouType = "bbox"
 
+    def _gt_dt(self, imgId, catId) -> tuple[list, list]:  # noqa: N803
+        """Ground truth and detections of one image (one category, or all when useCats=0)."""
+        if self.params.useCats:
+            return self._gts[imgId, catId], self._dts[imgId, catId]
+        cats = self.params.catIds
+        return [g for c in cats for g in self._gts[imgId, c]], [d for c in cats for d in self._dts[imgId, c]]
+
     def computeIoU(self, imgId, catId):  # noqa: N802 (pycocotools' name)
         p = self.params
-        if p.useCats:
-            gt, dt = self._gts[imgId, catId], self._dts[imgId, catId]
-        else:
-            gt = [g for c in p.catIds for g in self._gts[imgId, c]]
-            dt = [d for c in p.catIds for d in self._dts[imgId, c]]
+        gt, dt = self._gt_dt(imgId, catId)
         if len(gt) == 0 and len(dt) == 0:
             return []
         inds = np.argsort([-d["score"] for d in dt], kind="mergesort")
@@ -102,11 +105,7 @@ class SparseIoUCOCOeval(COCOeval):
         detection or gt competes for another the matching is assigned at once.
         """
         p = self.params
-        if p.useCats:
-            gt, dt = self._gts[imgId, catId], self._dts[imgId, catId]
-        else:
-            gt = [g for c in p.catIds for g in self._gts[imgId, c]]
-            dt = [d for c in p.catIds for d in self._dts[imgId, c]]
+        gt, dt = self._gt_dt(imgId, catId)
         if len(gt) == 0 and len(dt) == 0:
             return None
         g_ign = np.array([1 if (g["ignore"] or g["area"] < aRng[0] or g["area"] > aRng[1]) else 0 for g in gt],
