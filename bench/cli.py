@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -202,9 +201,4 @@ def report_cmd(runs: Optional[list[Path]] = typer.Argument(None, help="Run folde
         typer.echo(f"wrote {p}")
 
 
-def main() -> None:  # pragma: no cover
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+from bench import cli_extra  # noqa: E402,F401  (registers tune/predict/submit)
