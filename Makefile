@@ -31,9 +31,13 @@ setup-detectron2: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra tests
 
+MODELS ?= maskrcnn,cascade,cellpose,maskrcnn-tv,watershed
+# the report is written even when some models failed; the exit code is bench run's
 compare: $(STAMP)
-	$(BIN)/bench run --models maskrcnn,cascade,cellpose,maskrcnn-tv,watershed --preset smoke
-	$(BIN)/bench report
+	@$(BIN)/bench run --models $(MODELS) --preset smoke; rc=$$?; \
+	run=$$(ls -td results/runs/*/ | head -1); \
+	$(BIN)/bench tune "$$run" && $(BIN)/bench report "$$run"; \
+	exit $$rc
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.benchmarks
