@@ -82,3 +82,21 @@ def test_kaggle_decode_errors_name_the_row(ann, problem):
     with pytest.raises(DataError) as e:
         rle.kaggle_decode_many(["1 2", ann], 10, 10, ["train.csv:2", "train.csv:3"])
     assert "train.csv:3" in str(e.value) and problem in str(e.value)
+
+
+def test_vectorised_runs_match_per_mask_and_corner_pixels():
+    """Masks touching the last and first pixel must not merge in the vectorised decode."""
+    h, w = 4, 5
+    anns = ["20 1", "1 1", "1 3 6 2", "18 3"]
+    got = rle.kaggle_decode_many(anns, h, w)
+    for a, c in zip(anns, got):
+        m = np.zeros(h * w, bool)
+        v = list(map(int, a.split()))
+        for s, l in zip(v[0::2], v[1::2]):
+            m[s - 1:s - 1 + l] = True
+        np.testing.assert_array_equal(c, rle.encode_mask(m.reshape(h, w)))
+    s, l, o = rle.runs_of_many(got)
+    for i, c in enumerate(got):
+        s1, l1 = rle.runs_from_counts(c)
+        np.testing.assert_array_equal(s[o == i], s1)
+        np.testing.assert_array_equal(l[o == i], l1)

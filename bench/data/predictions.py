@@ -120,28 +120,50 @@ def read_submission(path: str | Path, sizes: dict[str, tuple[int, int]], classes
                     ) -> dict[str, Instances]:
     """Kaggle submission csv (``id,predicted`` [,``score``, ``cell_type``]). Sizes come from the
     ground truth (the competition's images are all 520x704); unknown ids are an error."""
+    from bench.data.io import RowNames
+
     path = Path(path)
     rows: dict[str, list] = {}
     with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or "id" not in reader.fieldnames or "predicted" not in reader.fieldnames:
-            raise DataError(path, f"not a Kaggle submission: header {reader.fieldnames} lacks id,predicted")
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader, [])]
+        if "id" not in header or "predicted" not in header:
+            raise DataError(path, f"not a Kaggle submission: header {header} lacks id,predicted")
+        i_id, i_pred = header.index("id"), header.index("predicted")
+        i_sc = header.index("score") if "score" in header else None
+        i_ct = header.index("cell_type") if "cell_type" in header else None
         for n, row in enumerate(reader, start=2):
-            iid = (row["id"] or "").strip()
+            if len(row) != len(header):
+                raise DataError(f"{path}:{n}", f"{len(row)} fields, header has {len(header)}")
+            iid = row[i_id].strip()
             if iid not in sizes:
                 raise DataError(f"{path}:{n}", f"image id {iid!r} is not in the ground truth")
             r = rows.setdefault(iid, [])
-            if (row["predicted"] or "").strip():
-                r.append((row["predicted"], row.get("score"), row.get("cell_type"), f"{path}:{n}"))
+            if row[i_pred].strip():
+                r.append((row[i_pred], row[i_sc] if i_sc is not None else "",
+                          row[i_ct] if i_ct is not None else "", n))
     out = {}
     cls_index = {c: i for i, c in enumerate(classes or [])}
     for iid, r in rows.items():
         h, w = sizes[iid]
-        counts = rle.kaggle_decode_many([x[0] for x in r], h, w, [x[3] for x in r]) if r else []
-        scores = np.array([float(x[1]) if x[1] not in (None, "") else 1.0 for x in r])
-        cl = np.array([cls_index.get((x[2] or "").strip(), -1) for x in r], dtype=np.int64)
+        where = RowNames(path, [x[3] for x in r])
+        counts = rle.kaggle_decode_many([x[0] for x in r], h, w, where) if r else []
+        try:
+            scores = np.array([float(x[1]) if x[1] != "" else 1.0 for x in r])
+        except ValueError:
+            bad = next(k for k, x in enumerate(r) if not _is_float(x[1]))
+            raise DataError(where[bad], f"score {r[bad][1]!r} is not a number") from None
+        cl = np.array([cls_index.get(x[2].strip(), -1) for x in r], dtype=np.int64)
         out[iid] = Instances(h, w, counts, cl, scores)
     return out
+
+
+def _is_float(x: str) -> bool:
+    try:
+        float(x)
+        return True
+    except ValueError:
+        return False
 
 
 def read_coco_results(path: str | Path, id_map: dict, sizes: dict[str, tuple[int, int]]) -> dict[str, Instances]:

@@ -36,16 +36,24 @@ def bootstrap_ci(values: np.ndarray, n_resamples: int = N_RESAMPLES, seed: int =
     return float(lo), float(hi)
 
 
-def bootstrap_ci_stat(n: int, stat: Callable[[np.ndarray], float], n_resamples: int = N_RESAMPLES,
-                      seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """CI of any statistic computed from image weights (e.g. COCO AP via weighted_ap)."""
+def bootstrap_ci_stat(n: int, stat: Callable[[np.ndarray], float | np.ndarray], n_resamples: int = N_RESAMPLES,
+                      seed: int = 0, level: float = 0.95):
+    """CI of any statistic of image weights (e.g. COCO AP via weighted_ap).
+
+    ``stat`` may return several numbers at once (one pass per resample); then one
+    (lo, hi) pair per number is returned.
+    """
     if n == 0:
         return (float("nan"), float("nan"))
-    vals = np.array([stat(w) for w in resample_weights(n, n_resamples, seed)])
-    vals = vals[np.isfinite(vals)]
+    vals = np.array([stat(w) for w in resample_weights(n, n_resamples, seed)], dtype=float)
     a = (1 - level) / 2
-    lo, hi = np.quantile(vals, [a, 1 - a]) if vals.size else (np.nan, np.nan)
-    return float(lo), float(hi)
+    cols = vals.reshape(len(vals), -1).T
+    out = []
+    for v in cols:
+        v = v[np.isfinite(v)]
+        lo, hi = np.quantile(v, [a, 1 - a]) if v.size else (np.nan, np.nan)
+        out.append((float(lo), float(hi)))
+    return out[0] if vals.ndim == 1 else out
 
 
 @dataclass

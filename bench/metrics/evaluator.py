@@ -46,8 +46,11 @@ class InstanceSegEvaluator:
             raise DataError(f"image {image_id}", "scored twice")
         if pred.scores is None:
             pred = Instances(pred.height, pred.width, pred.counts, pred.classes, np.ones(len(pred)))
+        if (gt.height, gt.width) != (pred.height, pred.width):
+            raise DataError(f"image {image_id}", f"prediction size {pred.width}x{pred.height} differs from "
+                                                 f"ground truth {gt.width}x{gt.height}")
         pred = kaggle.check_or_resolve_overlaps(pred, image_id, self.resolve)
-        self._scores[image_id] = kaggle.score_image(gt, pred, image_id)
+        self._scores[image_id] = kaggle.score_checked(gt, pred)
         self._class_of[image_id] = cell_type or _majority_class(gt, self.classes)
         if self.with_coco:
             self._pairs.append((image_id, gt, pred))
@@ -102,11 +105,14 @@ class InstanceSegEvaluator:
                 w = np.zeros(n)
                 w[pos] = 1
                 summary["per_class_AP"][c] = float(np.nanmean(weighted_ap(mt, w)))
-            summary["AP_ci95"] = list(bootstrap_ci_stat(
-                n, lambda w: float(np.nanmean(weighted_ap(mt, w))), self.n_resamples, self.seed))
-            summary["AP50_ci95"] = list(bootstrap_ci_stat(
-                n, lambda w: float(weighted_ap(mt, w)[0]), self.n_resamples, self.seed))
+            ap_ci, ap50_ci = bootstrap_ci_stat(
+                n, lambda w: _ap_and_ap50(weighted_ap(mt, w)), self.n_resamples, self.seed)
+            summary["AP_ci95"], summary["AP50_ci95"] = list(ap_ci), list(ap50_ci)
         return summary
+
+
+def _ap_and_ap50(per_threshold: np.ndarray) -> np.ndarray:
+    return np.array([np.nanmean(per_threshold), per_threshold[0]])
 
 
 def _mean_valid(p: np.ndarray) -> float:

@@ -15,7 +15,7 @@ import numpy as np
 from bench.data import rle
 from bench.data.errors import DataError
 from bench.data.sample import Instances
-from bench.metrics.matching import mask_overlaps, overlapping_pixels
+from bench.metrics.matching import overlapping_pixels, overlaps_disjoint_pred
 
 THRESHOLDS = np.round(np.arange(0.5, 1.0, 0.05), 2)
 
@@ -57,7 +57,12 @@ def score_image(gt: Instances, pred: Instances, image_id: str = "?", resolve_ove
         raise DataError(f"image {image_id}", f"prediction size {pred.width}x{pred.height} differs from "
                                              f"ground truth {gt.width}x{gt.height}")
     pred = check_or_resolve_overlaps(pred, image_id, resolve_overlaps)
-    ov = mask_overlaps(gt.counts, pred.counts, gt.height, gt.width)
+    return score_checked(gt, pred, thresholds)
+
+
+def score_checked(gt: Instances, pred: Instances, thresholds: np.ndarray = THRESHOLDS) -> ImageScore:
+    """Score predictions already known not to overlap."""
+    ov = overlaps_disjoint_pred(gt.counts, pred.counts, gt.height, gt.width)
     return match_counts(ov.gt_idx, ov.pred_idx, ov.iou, len(gt), len(pred), thresholds)
 
 

@@ -39,17 +39,11 @@ class Overlaps:
 
 
 def _indicator(counts: Sequence[np.ndarray], n_pixels: int) -> tuple[sp.csr_matrix, np.ndarray]:
-    lengths_all, starts_all, owner = [], [], []
-    for i, c in enumerate(counts):
-        s, l = rle.runs_from_counts(c)
-        starts_all.append(s)
-        lengths_all.append(l)
-        owner.append(np.full(len(s), i, dtype=np.int64))
-    if not counts:
+    if not len(counts):
         return sp.csr_matrix((0, n_pixels), dtype=np.int32), np.zeros(0, dtype=np.int64)
-    starts, lengths = np.concatenate(starts_all), np.concatenate(lengths_all)
+    starts, lengths, owner = rle.runs_of_many(list(counts))
     pix = rle.expand_runs(starts, lengths)
-    areas = np.bincount(np.concatenate(owner), weights=lengths, minlength=len(counts)).astype(np.int64)
+    areas = np.bincount(owner, weights=lengths, minlength=len(counts)).astype(np.int64)
     indptr = np.concatenate(([0], np.cumsum(areas)))
     data = np.ones(pix.size, dtype=np.int32)
     return sp.csr_matrix((data, pix, indptr), shape=(len(counts), n_pixels)), areas
@@ -68,9 +62,39 @@ def mask_overlaps(gt: Sequence[np.ndarray], pred: Sequence[np.ndarray], height: 
                     inter.data[keep].astype(np.int64), ga, pa)
 
 
+def overlaps_disjoint_pred(gt: Sequence[np.ndarray], pred: Sequence[np.ndarray], height: int,
+                           width: int) -> Overlaps:
+    """Same result as :func:`mask_overlaps` when predictions do not overlap (the Kaggle case).
+
+    Paints a predicted label image and looks every ground-truth pixel up in it: one
+    bincount over the gt pixels instead of a sparse product.
+    """
+    n = height * width
+    gs, gl, go = rle.runs_of_many(list(gt))
+    ps, pl, po = rle.runs_of_many(list(pred))
+    ga = np.bincount(go, weights=gl, minlength=len(gt)).astype(np.int64)
+    pa = np.bincount(po, weights=pl, minlength=len(pred)).astype(np.int64)
+    e = np.zeros(0, dtype=np.int64)
+    if not len(gt) or not len(pred):
+        return Overlaps(e, e, e, ga, pa)
+    lab = np.zeros(n, dtype=np.int32)
+    lab[rle.expand_runs(ps, pl)] = np.repeat(po + 1, pl)
+    hit = lab[rle.expand_runs(gs, gl)]
+    owner = np.repeat(go, gl)
+    m = hit > 0
+    key = owner[m] * len(pred) + (hit[m] - 1)
+    uniq, inter = np.unique(key, return_counts=True)
+    return Overlaps(uniq // len(pred), uniq % len(pred), inter.astype(np.int64), ga, pa)
+
+
 def overlapping_pixels(counts: Sequence[np.ndarray]) -> int:
     """Pixels claimed by more than one mask (0 for a valid Kaggle prediction set)."""
     if len(counts) < 2:
         return 0
-    pix = np.concatenate([rle.pixel_indices(c) for c in counts])
+    starts, lengths, _ = rle.runs_of_many(list(counts))
+    order = np.argsort(starts, kind="stable")
+    s, e = starts[order], (starts + lengths)[order]
+    if not (s[1:] < np.maximum.accumulate(e)[:-1]).any():  # runs disjoint: the usual, cheap answer
+        return 0
+    pix = rle.expand_runs(starts, lengths)
     return int(pix.size - np.unique(pix).size)

@@ -26,7 +26,15 @@ EXIT_OK, EXIT_FAILED, EXIT_NOT_INSTALLED = 0, 1, 3
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KB
+    """This process's own peak RSS (VmHWM). ru_maxrss is not: a forked child starts from its
+    parent's RSS, so it would report the runner's size as the model's."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # non-Linux fallback (KB on Linux)
 
 
 def _cuda_peak_mb(device: str) -> float | None:
