@@ -13,6 +13,7 @@ numpy pass) because per-mask Python overhead, not arithmetic, dominates here.
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -107,9 +108,10 @@ def split_counts(starts: np.ndarray, lengths: np.ndarray, owner: np.ndarray, n_m
     last_end[has] = ends[first_run[has] + nruns[has] - 1]
     out[off + size - 1] = n_pixels - last_end
     out = out.astype(np.uint32)
-    pieces = np.split(out, np.cumsum(size)[:-1])
-    # pycocotools writes no trailing empty background run
-    return [p[:-1] if len(p) > 1 and p[-1] == 0 else p for p in pieces]
+    stop = np.cumsum(size)
+    stop[out[stop - 1] == 0] -= 1  # pycocotools writes no trailing empty background run
+    stop = np.maximum(stop, off + 1)
+    return [out[a:b] for a, b in zip(off.tolist(), stop.tolist())]
 
 
 def area(counts: Counts) -> int:
@@ -280,11 +282,10 @@ def kaggle_decode_many(
         n_vals[i] = a.count(" ") + 1
         parts.append(a)
     joined = " ".join(parts)
-    if joined.replace(" ", "").isdigit():  # the common case: C-speed parse
-        vals = np.fromstring(joined, dtype=np.int64, sep=" ")
-        if vals.size != n_vals.sum():  # repeated spaces: recount exactly
-            n_vals = np.array([len(a.split()) for a in parts], dtype=np.int64)
-    else:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # numpy warns when it stops at a bad token
+        vals = np.fromstring(joined, dtype=np.int64, sep=" ")  # C-speed parse of the common case
+    if vals.size != n_vals.sum():  # a bad token or repeated spaces: parse slowly, name the row
         bad = next((i for i, a in enumerate(parts) if not all(t.lstrip("-").isdigit() for t in a.split())), None)
         if bad is not None:
             raise DataError(where[bad], "annotation has a value that is not an integer")
