@@ -82,9 +82,9 @@ class CellposeConfig(AdapterConfig):
     weight_decay: float = Field(1e-5, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)       # SGD only
     sgd: bool = True                                 # False: AdamW (train_seg's own default, lr ~0.005)
-    bsize: int = Field(224, ge=32)                   # training crop size (Cellpose trains and tiles at 224)
+    bsize: int = Field(224, ge=32)                   # training crop = prediction tile size (Cellpose: 224)
     nimg_per_epoch: int | None = Field(None, ge=1)   # images per epoch (None: every training image once)
-    min_train_masks: int = Field(5, ge=0)            # drop training images with fewer masks (Cellpose's default)
+    min_train_masks: int = Field(5, ge=0)            # drop training images with fewer masks (Cellpose default; empty images always dropped)
     rescale: bool = True                             # resize training images to diam_mean (see module doc)
     scale_range: float | None = Field(None, ge=0, le=2)  # scale augmentation; None: 0.5 with rescale, else 1.0
     val_loss: bool = True                            # also compute train_seg's test loss on val (monitoring only)
@@ -134,13 +134,12 @@ class CellposeAdapter(Adapter):
 
     # ---- training ------------------------------------------------------------
     def fit(self, train: Sequence[Sample], val: Sequence[Sample], cfg: AdapterConfig, ctx: FitContext) -> None:
-        import torch
+        c: CellposeConfig = cfg  # type: ignore[assignment]
+        weights = check_weights_file(c.weights)  # before anything slow
         from cellpose import dynamics
         from cellpose import train as cp_train
 
-        c: CellposeConfig = cfg  # type: ignore[assignment]
         self.cfg = c
-        weights = check_weights_file(c.weights)
         dev = self._torch_device()
         _seed_everything(ctx.seed)
 
@@ -211,7 +210,8 @@ class CellposeAdapter(Adapter):
                     rescale=self._rescale_factor(), diameter=None, resample=True,
                     flow_threshold=c.flow_threshold, cellprob_threshold=c.cellprob_threshold,
                     min_size=c.min_size, max_size_fraction=c.max_size_fraction, niter=c.niter,
-                    augment=c.augment, tile_overlap=c.tile_overlap, bsize=224, batch_size=c.batch_size,
+                    augment=c.augment, tile_overlap=c.tile_overlap, batch_size=c.batch_size,
+                    bsize=c.bsize,  # tiles as large as the training crops ("like in training", Cellpose docs)
                 )
                 masks = np.asarray(masks).reshape(img.shape).astype(np.int32)
                 prob = 1.0 / (1.0 + np.exp(-np.asarray(flows[2], dtype=np.float64).reshape(img.shape)))
