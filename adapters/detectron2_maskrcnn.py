@@ -105,7 +105,7 @@ class D2MaskRCNNConfig(AdapterConfig):
     max_iter: int = Field(270000, ge=1)
     warmup_iters: int = Field(1000, ge=0)
     warmup_factor: float = Field(0.001, gt=0, le=1)
-    clip_gradients: float | None = None      # max global L2 norm; None: no clipping
+    clip_gradients: float | None = None      # max L2 norm of each parameter's gradient; None: off
     amp: bool = False                        # mixed precision (CUDA only)
     # ---- running ----------------------------------------------------------
     num_workers: int = Field(2, ge=0)        # data-loader processes
@@ -396,6 +396,11 @@ class Detectron2MaskRCNN(Adapter):
 
     # ---- training -----------------------------------------------------------
     def fit(self, train: Sequence[Sample], val: Sequence[Sample], cfg: AdapterConfig, ctx: FitContext) -> None:
+        c: D2MaskRCNNConfig = cfg  # type: ignore[assignment]
+        weights = check_weights_file(c.weights)  # before anything heavy: a clear error naming the path
+        if not train:
+            raise ValueError("no training samples")
+
         import torch
         from detectron2.checkpoint import DetectionCheckpointer
         from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader
@@ -407,10 +412,6 @@ class Detectron2MaskRCNN(Adapter):
         from detectron2.utils.env import seed_all_rng
 
         self.cfg = cfg
-        c: D2MaskRCNNConfig = cfg  # type: ignore[assignment]
-        weights = check_weights_file(c.weights)
-        if not train:
-            raise ValueError("no training samples")
         work = Path(ctx.workdir) / "detectron2"
         work.mkdir(parents=True, exist_ok=True)
         seed_all_rng(ctx.seed)

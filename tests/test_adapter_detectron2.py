@@ -72,8 +72,9 @@ def test_unavailable_gives_install_hint(monkeypatch):
     assert "detectron2 has no PyPI package: make setup-detectron2 D2_SRC=" in av.hint
 
 
-def test_paper_preset_lands_on_detectron2_keys():
+def test_paper_preset_lands_on_detectron2_keys(monkeypatch):
     cfg = make_config("maskrcnn", "paper")
+    monkeypatch.setitem(sys.modules, "detectron2", None)  # the mapping must not import detectron2
     o = d2m.to_detectron2_opts(cfg, num_classes=3, device="cuda", pixel_mean=[1.0, 2.0, 3.0], pixel_std=[4.0] * 3)
     expected = {
         "MODEL.RESNETS.DEPTH": 50,
@@ -105,7 +106,6 @@ def test_paper_preset_lands_on_detectron2_keys():
         assert o[k] == v, (k, o[k], v)
         assert type(o[k]) is type(v), k  # yacs refuses e.g. an int where a float was
     assert len(o["INPUT.MIN_SIZE_TRAIN"]) > 1 and o["INPUT.MIN_SIZE_TRAIN_SAMPLING"] == "choice"  # multi-scale
-    assert "detectron2" not in sys.modules or HAS_D2  # the mapping itself imports nothing
 
 
 def test_every_preset_validates_and_maps():
@@ -262,6 +262,25 @@ def test_fit_predict_save_load(tiny, tmp_path):
     with pytest.raises(ValueError, match="classes"):
         build("maskrcnn", ["x"], preset="smoke").load(tmp_path / "saved")
 
+    # a local weights file to start from (here: the model just saved), never downloaded
+    tuned = build("maskrcnn", tiny.classes, preset="smoke")
+    tcfg = make_config("maskrcnn", "smoke", {**TINY_OPTS, "max_iter": 1, "steps": [],
+                                             "weights": str(tmp_path / "saved" / "model_final.pth")})
+    tuned.fit(train, val, tcfg, FitContext(workdir=tmp_path / "tuned"))
+    assert len(tuned.predict(val[:1])) == 1
+
+
+@pytest.mark.detectron2
+@pytest.mark.skipif(not HAS_D2, reason="detectron2 is not installed")
+@pytest.mark.parametrize("preset", ["smoke", "default", "paper"])
+def test_every_preset_builds_a_model(preset):
+    m = build("maskrcnn", CLASSES, preset=preset)
+    m.pixel_stats = ([128.0] * 3, [10.0] * 3)
+    d2 = m._d2_config()
+    model = m._build_model(d2)
+    assert model.roi_heads.num_classes == 3 and d2.MODEL.WEIGHTS == ""
+    assert d2.INPUT.MASK_FORMAT == "bitmask" and d2.MODEL.MASK_ON
+
 
 @pytest.mark.detectron2
 @pytest.mark.skipif(not HAS_D2, reason="detectron2 is not installed")
@@ -269,8 +288,8 @@ def test_uint16_grey_training_step(tmp_path):
     """A 16-bit grey in-memory sample goes through the mapper and one training step."""
     s = _square_sample(h=64, w=64, dtype=np.uint16)
     m = build("maskrcnn", CLASSES, preset="smoke")
-    cfg = make_config("maskrcnn", "smoke", {**TINY_OPTS, "max_iter": 1, "steps": [], "ims_per_batch": 1,
-                                            "min_size_train": [64], "min_size_test": 64})
+    cfg = make_config("maskrcnn", "smoke", {**TINY_OPTS, "max_iter": 2, "steps": [], "ims_per_batch": 1,
+                                            "min_size_train": [64], "min_size_test": 64, "num_workers": 1})
     m.fit([s], [], cfg, FitContext(workdir=tmp_path))
     (p,) = m.predict([s])
     assert (p.height, p.width) == (64, 64)
