@@ -111,6 +111,9 @@ def eval_cmd(gt: Path = typer.Option(..., "--gt", help="Sartorius folder or trai
                                                    help="Give each pixel to the highest-scoring instance "
                                                         "instead of rejecting overlapping predictions."),
              max_dets: int = typer.Option(1000, "--max-dets", help="COCO maxDets per image."),
+             class_aware: bool = typer.Option(False, "--class-aware",
+                                              help="COCO AP per predicted class (useCats=1) instead of "
+                                                   "class-agnostic (LIVECell's way, the default)."),
              seed: int = typer.Option(0, "--seed", help="Bootstrap seed.")):
     """Score predictions: Kaggle mAP (exact), COCO AP, per class and threshold, 95% CIs."""
     from bench.data.io import load_dataset
@@ -126,7 +129,7 @@ def eval_cmd(gt: Path = typer.Option(..., "--gt", help="Sartorius folder or trai
         preds = load_any_predictions(pred, sizes, ds.classes, coco_ids)
         gtd = {s.image_id: (s.instances, s.cell_type(ds.classes)) for s in ds}
         res = evaluate_predictions(gtd, preds, ds.classes, resolve_overlaps=resolve_overlaps, max_dets=max_dets,
-                                   seed=seed)
+                                   class_aware_coco=class_aware, seed=seed)
     except (DataError, OSError, ValueError) as e:
         _fail(e)
     typer.echo(eval_table(res))
