@@ -36,6 +36,8 @@ class CocoInputs:
 
 def build_coco(images: list[tuple[str, Instances, Instances]], n_classes: int, class_aware: bool) -> CocoInputs:
     """Assemble in-memory COCO objects. No segmentation strings are built: IoUs are ours."""
+    if class_aware and any((p.classes < 0).any() for _, _, p in images):
+        raise ValueError("class-aware COCO AP needs a class for every prediction; this model predicts none")
     cats = [{"id": k + 1, "name": str(k)} for k in range(max(n_classes, 1))]
     gimgs, ganns, danns, masks, sizes = [], [], [], {}, {}
     gid = did = 0
