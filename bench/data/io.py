@@ -154,14 +154,14 @@ def read_sartorius(path: str | Path, image_dir: str | Path | None = None,
 
     samples = []
     for iid, g in groups.items():
-        counts = rle.kaggle_decode_many(g["ann"], g["h"], g["w"], RowNames(csv_path, g["lines"]))
+        counts, runs = rle.kaggle_decode_runs(g["ann"], g["h"], g["w"], RowNames(csv_path, g["lines"]))
         cl = np.full(len(counts), cls_index.get(g["ct"], -1), dtype=np.int64)
         img_path = find_image(image_dir, iid)
         if img_path is None and require_images:
             raise DataError(image_dir / f"{iid}.png", f"image of id {iid} (first row {csv_path}:{g['lines'][0]}) is missing")
         meta = dict(g["meta"], cell_type=g["ct"] or None, source=str(csv_path))
         meta["group"] = meta.get("sample_id") or iid
-        samples.append(Sample(iid, Instances(g["h"], g["w"], counts, cl), img_path, meta))
+        samples.append(Sample(iid, Instances(g["h"], g["w"], counts, cl, _runs=runs), img_path, meta))
     if not samples:
         raise DataError(csv_path, "no annotations")
     return Dataset(root.name, classes, samples, root)

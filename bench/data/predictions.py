@@ -132,29 +132,37 @@ def read_submission(path: str | Path, sizes: dict[str, tuple[int, int]], classes
         i_id, i_pred = header.index("id"), header.index("predicted")
         i_sc = header.index("score") if "score" in header else None
         i_ct = header.index("cell_type") if "cell_type" in header else None
+        n_fields = len(header)
         for n, row in enumerate(reader, start=2):
-            if len(row) != len(header):
-                raise DataError(f"{path}:{n}", f"{len(row)} fields, header has {len(header)}")
-            iid = row[i_id].strip()
-            if iid not in sizes:
-                raise DataError(f"{path}:{n}", f"image id {iid!r} is not in the ground truth")
-            r = rows.setdefault(iid, [])
+            if len(row) != n_fields:
+                raise DataError(f"{path}:{n}", f"{len(row)} fields, header has {n_fields}")
+            iid = row[i_id]
+            r = rows.get(iid)
+            if r is None:
+                iid = iid.strip()
+                if iid not in sizes:
+                    raise DataError(f"{path}:{n}", f"image id {iid!r} is not in the ground truth")
+                r = rows.setdefault(iid, ([], [], [], []))
             if row[i_pred].strip():
-                r.append((row[i_pred], row[i_sc] if i_sc is not None else "",
-                          row[i_ct] if i_ct is not None else "", n))
+                r[0].append(row[i_pred])
+                r[1].append(n)
+                if i_sc is not None:
+                    r[2].append(row[i_sc])
+                if i_ct is not None:
+                    r[3].append(row[i_ct])
     out = {}
     cls_index = {c: i for i, c in enumerate(classes or [])}
-    for iid, r in rows.items():
+    for iid, (anns, lines, sc, ct) in rows.items():
         h, w = sizes[iid]
-        where = RowNames(path, [x[3] for x in r])
-        counts = rle.kaggle_decode_many([x[0] for x in r], h, w, where) if r else []
+        where = RowNames(path, lines)
+        counts, runs = rle.kaggle_decode_runs(anns, h, w, where) if anns else ([], None)
         try:
-            scores = np.array([float(x[1]) if x[1] != "" else 1.0 for x in r])
+            scores = np.array([float(x) if x != "" else 1.0 for x in sc]) if sc else np.ones(len(anns))
         except ValueError:
-            bad = next(k for k, x in enumerate(r) if not _is_float(x[1]))
-            raise DataError(where[bad], f"score {r[bad][1]!r} is not a number") from None
-        cl = np.array([cls_index.get(x[2].strip(), -1) for x in r], dtype=np.int64)
-        out[iid] = Instances(h, w, counts, cl, scores)
+            bad = next(k for k, x in enumerate(sc) if not _is_float(x))
+            raise DataError(where[bad], f"score {sc[bad]!r} is not a number") from None
+        cl = np.array([cls_index.get(x.strip(), -1) for x in ct], dtype=np.int64) if ct else np.full(len(anns), -1)
+        out[iid] = Instances(h, w, counts, cl, scores, _runs=runs)
     return out
 
 

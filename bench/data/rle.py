@@ -264,6 +264,12 @@ def from_coco_segmentation(seg, height: int, width: int) -> Counts:
 def kaggle_decode_many(
     annotations: Sequence[str], height: int, width: int, where: Sequence[str] | None = None
 ) -> list[Counts]:
+    return kaggle_decode_runs(annotations, height, width, where)[0]
+
+
+def kaggle_decode_runs(
+    annotations: Sequence[str], height: int, width: int, where: Sequence[str] | None = None
+) -> tuple[list[Counts], tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Kaggle RLE strings of one image -> COCO counts, all masks in one pass.
 
     Validates every rule the competition's format implies and raises DataError
@@ -274,23 +280,20 @@ def kaggle_decode_many(
     n_pix = height * width
     if where is None:
         where = [f"mask {i}" for i in range(len(annotations))]
-    parts, n_vals = [], np.empty(len(annotations), dtype=np.int64)
-    for i, a in enumerate(annotations):
-        a = a.strip() if isinstance(a, str) else ""
-        if not a:
-            raise DataError(where[i], "empty annotation")
-        n_vals[i] = a.count(" ") + 1
-        parts.append(a)
-    joined = " ".join(parts)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # numpy warns when it stops at a bad token
-        vals = np.fromstring(joined, dtype=np.int64, sep=" ")  # C-speed parse of the common case
-    if vals.size != n_vals.sum():  # a bad token or repeated spaces: parse slowly, name the row
-        bad = next((i for i, a in enumerate(parts) if not all(t.lstrip("-").isdigit() for t in a.split())), None)
-        if bad is not None:
-            raise DataError(where[bad], "annotation has a value that is not an integer")
-        vals = np.array(joined.split(), dtype=np.int64)
-        n_vals = np.array([len(a.split()) for a in parts], dtype=np.int64)
+    parts = [a if isinstance(a, str) else "" for a in annotations]
+    # one C-speed parse of all masks, a -1 token between them (never valid in a run list) marks
+    # where each mask's values end; anything unusual takes the exact slow path below
+    with warnings.catch_warnings(record=True) as stopped:  # numpy warns when it stops at a bad token
+        warnings.simplefilter("always", DeprecationWarning)
+        vals = np.fromstring(" -1 ".join(parts), dtype=np.int64, sep=" ")
+    sep = np.flatnonzero(vals == -1)
+    if not stopped and len(sep) == len(parts) - 1:
+        n_vals = np.diff(np.concatenate(([-1], sep, [vals.size]))) - 1
+        vals = np.delete(vals, sep) if sep.size else vals
+    else:
+        n_vals = None
+    if n_vals is None or (n_vals == 0).any():
+        vals, n_vals = _parse_slowly(parts, where)
     odd = np.flatnonzero(n_vals % 2)
     if odd.size:
         raise DataError(where[odd[0]], f"RLE has an odd number of values ({n_vals[odd[0]]})")
@@ -325,7 +328,23 @@ def kaggle_decode_many(
     run_start = key[np.concatenate(([0], brk))]
     run_end = key[np.concatenate((brk - 1, [key.size - 1]))] + 1
     owner = mask_of_key[np.concatenate(([0], brk))]
-    return split_counts(run_start - owner * n_pix, run_end - run_start, owner, len(parts), n_pix)
+    starts, lengths = run_start - owner * n_pix, run_end - run_start
+    return split_counts(starts, lengths, owner, len(parts), n_pix), (starts, lengths, owner)
+
+
+def _parse_slowly(parts: list[str], where) -> tuple[np.ndarray, np.ndarray]:
+    """Token by token, to name the row of an empty annotation or a value that is not an integer."""
+    n_vals = np.empty(len(parts), dtype=np.int64)
+    out = []
+    for i, a in enumerate(parts):
+        toks = a.split()
+        if not toks:
+            raise DataError(where[i], "empty annotation")
+        if not all(t.lstrip("-").isdigit() for t in toks):
+            raise DataError(where[i], "annotation has a value that is not an integer")
+        n_vals[i] = len(toks)
+        out.extend(toks)
+    return np.array(out, dtype=np.int64), n_vals
 
 
 def kaggle_decode(annotation: str, height: int, width: int, where: str = "annotation") -> Counts:

@@ -30,6 +30,14 @@ class Instances:
     counts: list[np.ndarray] = field(default_factory=list)
     classes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     scores: np.ndarray | None = None
+    # (starts, lengths, owner) of every foreground run, column-major; readers that already have
+    # them (the Kaggle decoder) hand them over so that the metrics do not recompute them
+    _runs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)
+
+    def runs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._runs is None:
+            self._runs = rle.runs_of_many(self.counts)
+        return self._runs
 
     def __post_init__(self):
         self.classes = np.asarray(self.classes, dtype=np.int64).reshape(-1)

@@ -45,7 +45,7 @@ class InstanceSegEvaluator:
         if image_id in self._scores:
             raise DataError(f"image {image_id}", "scored twice")
         if pred.scores is None:
-            pred = Instances(pred.height, pred.width, pred.counts, pred.classes, np.ones(len(pred)))
+            pred = Instances(pred.height, pred.width, pred.counts, pred.classes, np.ones(len(pred)), _runs=pred._runs)
         if (gt.height, gt.width) != (pred.height, pred.width):
             raise DataError(f"image {image_id}", f"prediction size {pred.width}x{pred.height} differs from "
                                                  f"ground truth {gt.width}x{gt.height}")

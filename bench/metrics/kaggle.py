@@ -62,13 +62,13 @@ def score_image(gt: Instances, pred: Instances, image_id: str = "?", resolve_ove
 
 def score_checked(gt: Instances, pred: Instances, thresholds: np.ndarray = THRESHOLDS) -> ImageScore:
     """Score predictions already known not to overlap."""
-    ov = overlaps_disjoint_pred(gt.counts, pred.counts, gt.height, gt.width)
+    ov = overlaps_disjoint_pred(gt.counts, pred.counts, gt.height, gt.width, gt.runs(), pred.runs())
     return match_counts(ov.gt_idx, ov.pred_idx, ov.iou, len(gt), len(pred), thresholds)
 
 
 def check_or_resolve_overlaps(pred: Instances, image_id: str, resolve: bool) -> Instances:
     """The competition rejects overlapping predictions: error, or give each pixel to the best score."""
-    n = overlapping_pixels(pred.counts)
+    n = overlapping_pixels(pred.counts, pred.runs())
     if n == 0:
         return pred
     if not resolve:

@@ -63,15 +63,15 @@ def mask_overlaps(gt: Sequence[np.ndarray], pred: Sequence[np.ndarray], height: 
 
 
 def overlaps_disjoint_pred(gt: Sequence[np.ndarray], pred: Sequence[np.ndarray], height: int,
-                           width: int) -> Overlaps:
+                           width: int, gt_runs=None, pred_runs=None) -> Overlaps:
     """Same result as :func:`mask_overlaps` when predictions do not overlap (the Kaggle case).
 
     Paints a predicted label image and looks every ground-truth pixel up in it: one
     bincount over the gt pixels instead of a sparse product.
     """
     n = height * width
-    gs, gl, go = rle.runs_of_many(list(gt))
-    ps, pl, po = rle.runs_of_many(list(pred))
+    gs, gl, go = gt_runs if gt_runs is not None else rle.runs_of_many(list(gt))
+    ps, pl, po = pred_runs if pred_runs is not None else rle.runs_of_many(list(pred))
     ga = np.bincount(go, weights=gl, minlength=len(gt)).astype(np.int64)
     pa = np.bincount(po, weights=pl, minlength=len(pred)).astype(np.int64)
     e = np.zeros(0, dtype=np.int64)
@@ -87,11 +87,11 @@ def overlaps_disjoint_pred(gt: Sequence[np.ndarray], pred: Sequence[np.ndarray],
     return Overlaps(uniq // len(pred), uniq % len(pred), inter.astype(np.int64), ga, pa)
 
 
-def overlapping_pixels(counts: Sequence[np.ndarray]) -> int:
+def overlapping_pixels(counts: Sequence[np.ndarray], runs=None) -> int:
     """Pixels claimed by more than one mask (0 for a valid Kaggle prediction set)."""
     if len(counts) < 2:
         return 0
-    starts, lengths, _ = rle.runs_of_many(list(counts))
+    starts, lengths, _ = runs if runs is not None else rle.runs_of_many(list(counts))
     order = np.argsort(starts, kind="stable")
     s, e = starts[order], (starts + lengths)[order]
     if not (s[1:] < np.maximum.accumulate(e)[:-1]).any():  # runs disjoint: the usual, cheap answer
