@@ -128,21 +128,25 @@ def read_sartorius(path: str | Path, image_dir: str | Path | None = None,
             iid = row[i_id].strip()
             if not iid:
                 raise DataError(f"{csv_path}:{line_no}", "empty id")
+            ct = row[i_ct].strip() if i_ct is not None else ""
+            g = groups.get(iid)
+            if g is not None and g["wh_text"] == (row[i_w], row[i_h]) and ct == g["ct"]:
+                g["ann"].append(row[i_ann])  # the common case: another mask of a known image
+                g["lines"].append(line_no)
+                continue
             try:
                 w, h = int(row[i_w]), int(row[i_h])
             except ValueError:
                 raise DataError(f"{csv_path}:{line_no}",
                                 f"width/height not integers ({row[i_w]!r}, {row[i_h]!r})") from None
-            ct = row[i_ct].strip() if i_ct is not None else ""
-            g = groups.get(iid)
             if g is None:
                 where = f"{csv_path}:{line_no}"
                 if w <= 0 or h <= 0:
                     raise DataError(where, f"width/height must be positive ({w}x{h})")
                 if i_ct is not None and ct not in cls_index:
                     raise DataError(where, f"unknown cell_type {ct!r} (known: {classes})")
-                g = groups[iid] = {"w": w, "h": h, "ct": ct, "ann": [], "lines": [],
-                                   "meta": {k: row[i] for k, i in optional if row[i] != ""}}
+                g = groups[iid] = {"w": w, "h": h, "wh_text": (row[i_w], row[i_h]), "ct": ct, "ann": [],
+                                   "lines": [], "meta": {k: row[i] for k, i in optional if row[i] != ""}}
             elif (g["w"], g["h"]) != (w, h):
                 raise DataError(f"{csv_path}:{line_no}",
                                 f"width/height {w}x{h} differ from earlier rows of id {iid} ({g['w']}x{g['h']})")

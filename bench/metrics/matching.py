@@ -83,7 +83,12 @@ def overlaps_disjoint_pred(gt: Sequence[np.ndarray], pred: Sequence[np.ndarray],
     owner = np.repeat(go, gl)
     m = hit > 0
     key = owner[m] * len(pred) + (hit[m] - 1)
-    uniq, inter = np.unique(key, return_counts=True)
+    if len(gt) * len(pred) <= 4_000_000:  # a dense count beats sorting for image-sized problems
+        counts = np.bincount(key, minlength=len(gt) * len(pred))
+        uniq = np.flatnonzero(counts)
+        inter = counts[uniq]
+    else:
+        uniq, inter = np.unique(key, return_counts=True)
     return Overlaps(uniq // len(pred), uniq % len(pred), inter.astype(np.int64), ga, pa)
 
 
