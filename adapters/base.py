@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar, Sequence
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from bench.data.sample import Instances, Sample
 
 ProgressFn = Callable[[int, int, dict], None]  # (done, total, info)
 LossLogFn = Callable[[dict], None]               # one record per logged step/epoch
+PredictFn = Callable[[Sequence[Sample]], "list[Instances]"]
 
 
 class AdapterConfig(BaseModel):
@@ -30,6 +31,9 @@ class AdapterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
     weights: str | None = None  # local file to start from; never downloaded
+    # Kaggle mAP of the validation split every N iterations (epochs for Cellpose) during
+    # training, for validation curves; 0: off. Never used for model selection.
+    eval_every: int = Field(0, ge=0)
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,11 @@ class FitContext:
     progress: ProgressFn | None = None
     log_loss: LossLogFn | None = None
     extra: dict = field(default_factory=dict)
+    # validation curves: the samples, how often (0: never), where each point goes
+    val: Sequence[Sample] = ()
+    eval_every: int = 0
+    log_val: LossLogFn | None = None
+    validation_seconds: float = 0.0   # time spent in validate(), taken out of the training time
 
     def report(self, done: int, total: int, **info) -> None:
         if self.progress:
@@ -66,6 +75,35 @@ class FitContext:
     def log(self, **record) -> None:
         if self.log_loss:
             self.log_loss(record)
+
+    @property
+    def curve_wanted(self) -> bool:
+        """Whether a validation curve was asked for (and there is a validation split)."""
+        return bool(self.eval_every and self.val)
+
+    def validation_due(self, step: int, total: int) -> bool:
+        """Every ``eval_every`` steps and at the last one, when there is a validation split."""
+        return bool(self.eval_every and self.val and (step % self.eval_every == 0 or step == total))
+
+    def validate(self, step: int, predict: PredictFn) -> float:
+        """Kaggle mAP of ``predict`` on the validation split, logged as one curve point.
+
+        The adapter passes a function predicting with its current (mid-training) weights
+        and must restore its training mode afterwards. Overlapping predictions are
+        resolved as the evaluator does for the final score, so curve and result agree.
+        """
+        import time
+
+        from bench.metrics.kaggle import quick_map
+
+        t0 = time.perf_counter()
+        preds = predict(list(self.val))
+        value = quick_map([s.instances for s in self.val], preds)
+        took = time.perf_counter() - t0
+        self.validation_seconds += took
+        if self.log_val:
+            self.log_val({"step": int(step), "kaggle_map": value, "seconds": round(took, 3)})
+        return value
 
 
 class Adapter(abc.ABC):
@@ -77,6 +115,9 @@ class Adapter(abc.ABC):
     install_hint: ClassVar[str] = ""
     capabilities: ClassVar[Capabilities]
     Config: ClassVar[type[AdapterConfig]] = AdapterConfig
+    # the file inside a ``save``d checkpoint that ``weights=`` accepts: what a sweep's pretrain
+    # stage hands to the next stage (None: the model cannot start from its own checkpoint)
+    warm_start_name: ClassVar[str | None] = None
 
     def __init__(self, cfg: AdapterConfig, classes: Sequence[str], device: str = "cpu"):
         self.cfg = cfg
@@ -97,6 +138,13 @@ class Adapter(abc.ABC):
         except importlib.metadata.PackageNotFoundError:
             version = None
         return Availability(True, version, "")
+
+    @classmethod
+    def warm_start_file(cls, checkpoint: Path) -> Path:
+        """``checkpoint`` (a folder ``save`` wrote) -> the weights file to give as ``weights=``."""
+        if cls.warm_start_name is None:
+            raise ValueError(f"{cls.name} cannot start from its own checkpoint (no pretrain stage for it)")
+        return Path(checkpoint) / cls.warm_start_name
 
     # ---- the work ------------------------------------------------------------
     @abc.abstractmethod

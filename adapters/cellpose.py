@@ -125,6 +125,7 @@ class CellposeAdapter(Adapter):
     install_hint = 'pip install "cellpose>=3.1,<4"'
     capabilities = Capabilities(predicts_classes=False, overlapping_masks=False, trainable=True)
     Config = CellposeConfig
+    warm_start_name = _NET_FILE
 
     def __init__(self, cfg: AdapterConfig, classes: Sequence[str], device: str = "cpu"):
         super().__init__(cfg, classes, device)
@@ -185,13 +186,37 @@ class CellposeAdapter(Adapter):
                 weight_decay=c.weight_decay, momentum=c.momentum, SGD=c.sgd,
                 nimg_per_epoch=c.nimg_per_epoch, rescale=c.rescale, scale_range=c.scale_range,
                 bsize=c.bsize, min_train_masks=0,  # already filtered above (keeps the epoch count exact)
-                save_path=str(work), save_every=c.save_every, model_name="cellpose_net",
+                save_path=str(work), model_name="cellpose_net",
+                # a validation curve evaluates train_seg's own per-epoch snapshots after training
+                # (train_seg has no hook between epochs; evaluating inside it would perturb nothing
+                # but cannot be placed exactly after an epoch's last step)
+                save_every=ctx.eval_every if ctx.curve_wanted else c.save_every,
+                save_each=ctx.curve_wanted,
             )
         epochs.flush()
         model.net.eval()
         self._model = model
         self._diam_mean = float(model.net.diam_mean.item())
         self._diam_labels = float(model.net.diam_labels.item())  # set by train_seg: mean per-image diameter
+        if ctx.curve_wanted:
+            self._validation_curve(work / "models", c.n_epochs, ctx)
+
+    def _validation_curve(self, models_dir: Path, n_epochs: int, ctx: FitContext) -> None:
+        """Kaggle mAP of each snapshot ``cellpose_net_epoch_NNNN`` (saved after 0-based epoch NNNN,
+        so NNNN+1 epochs done) and of the final network, in epoch order."""
+        final = self._model
+        snaps = sorted(models_dir.glob("cellpose_net_epoch_*"), key=lambda p: int(p.name.rsplit("_", 1)[1]))
+        try:
+            for snap in snaps:
+                with _no_downloads():
+                    m = self._new_model(diam_mean=self._diam_mean, weights=None)
+                    m.net.load_model(str(snap), device=m.device)
+                m.net.eval()
+                self._model = m
+                ctx.validate(int(snap.name.rsplit("_", 1)[1]) + 1, self.predict)
+        finally:
+            self._model = final
+        ctx.validate(n_epochs, self.predict)
 
     # ---- prediction ----------------------------------------------------------
     def predict(self, samples: Sequence[Sample]) -> list[Instances]:

@@ -95,7 +95,12 @@ class D2MaskRCNNConfig(AdapterConfig):
     min_size_test: int = Field(800, ge=0)    # 0: no resizing at test time
     max_size_test: int = Field(1333, ge=1)
     random_flip: Literal["none", "horizontal", "vertical"] = "horizontal"
+    # none: resize to min_size_test only; default: detectron2's own (min_size_train resize +
+    # random_flip, the study's "flip and resize"); extra: + vertical flip, brightness and
+    # contrast x0.8-1.2, and the resize range widened x0.8-1.2 (the study's extra augmentation)
+    augment: Literal["none", "default", "extra"] = "default"
     # ---- solver -----------------------------------------------------------
+    optimizer: Literal["sgd", "adam"] = "sgd"   # adam: torch Adam on detectron2's parameter groups
     ims_per_batch: int = Field(16, ge=1)
     base_lr: float = Field(0.02, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -367,6 +372,7 @@ class Detectron2MaskRCNN(Adapter):
     install_hint = "detectron2 has no PyPI package: make setup-detectron2 D2_SRC=<path or git URL of its official source>"
     capabilities = Capabilities(predicts_classes=True, overlapping_masks=True)
     Config = D2MaskRCNNConfig
+    warm_start_name = WEIGHTS_FILE
 
     def __init__(self, cfg: AdapterConfig, classes: Sequence[str], device: str = "cpu"):
         super().__init__(cfg, classes, device)
@@ -404,7 +410,6 @@ class Detectron2MaskRCNN(Adapter):
         import torch
         from detectron2.checkpoint import DetectionCheckpointer
         from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader
-        from detectron2.data import detection_utils as d2utils
         from detectron2.data import get_detection_dataset_dicts
         from detectron2.data.samplers import TrainingSampler
         from detectron2.engine import AMPTrainer, SimpleTrainer, hooks
@@ -438,14 +443,17 @@ class Detectron2MaskRCNN(Adapter):
             model.train()
             dataset = get_detection_dataset_dicts([name], filter_empty=True)
             loader = build_detection_train_loader(
-                dataset=dataset, mapper=_Mapper(d2utils.build_augmentation(d2cfg, is_train=True)),
+                dataset=dataset, mapper=_Mapper(train_augmentations(d2cfg, c.augment)),
                 sampler=TrainingSampler(len(dataset), shuffle=True, seed=ctx.seed),
                 total_batch_size=c.ims_per_batch, aspect_ratio_grouping=True, num_workers=c.num_workers)
-            optimizer = build_optimizer(d2cfg, model)
+            optimizer = build_optimizer(d2cfg, model) if c.optimizer == "sgd" else _adam(d2cfg, model)
             use_amp = c.amp and str(self.device).startswith("cuda")
             trainer = (AMPTrainer if use_amp else SimpleTrainer)(model, loader, optimizer)
             hook_list = [hooks.IterationTimer(), hooks.LRScheduler(optimizer, build_lr_scheduler(d2cfg, optimizer)),
                          _LogHook(ctx, c.log_period, c.max_iter)]
+            if ctx.curve_wanted:
+                self.d2cfg = d2cfg
+                hook_list.append(_ValidationHook(self, ctx, c.max_iter))
             if c.checkpoint_period:
                 ckpt = DetectionCheckpointer(model, str(work), optimizer=optimizer)
                 hook_list.append(hooks.PeriodicCheckpointer(ckpt, c.checkpoint_period, max_iter=c.max_iter))
@@ -533,6 +541,50 @@ class Detectron2MaskRCNN(Adapter):
         model.load_state_dict(state)
         model.eval()
         self.model, self.d2cfg = model, d2cfg
+
+
+def train_augmentations(d2cfg, augment: str) -> list:
+    """The training augmentations of ``augment`` (none / default / extra), as detectron2 objects."""
+    from detectron2.data import detection_utils as d2utils
+    from detectron2.data import transforms as T
+
+    i = d2cfg.INPUT
+    if augment == "none":
+        return [T.ResizeShortestEdge([i.MIN_SIZE_TEST] * 2, i.MAX_SIZE_TEST)] if i.MIN_SIZE_TEST > 0 else []
+    if augment == "default":
+        return d2utils.build_augmentation(d2cfg, is_train=True)
+    sizes = list(i.MIN_SIZE_TRAIN)
+    lo, hi = int(round(min(sizes) * 0.8)), int(round(max(sizes) * 1.2))
+    return [T.ResizeShortestEdge((lo, hi), i.MAX_SIZE_TRAIN, "range"),
+            T.RandomFlip(horizontal=True, vertical=False), T.RandomFlip(horizontal=False, vertical=True),
+            T.RandomBrightness(0.8, 1.2), T.RandomContrast(0.8, 1.2)]
+
+
+def _adam(d2cfg, model):
+    """Adam with detectron2's parameter groups (norm/bias weight decay rules) and gradient clipping."""
+    import torch
+    from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+
+    s = d2cfg.SOLVER
+    params = get_default_optimizer_params(model, base_lr=s.BASE_LR, weight_decay_norm=s.WEIGHT_DECAY_NORM,
+                                          bias_lr_factor=s.BIAS_LR_FACTOR, weight_decay_bias=s.WEIGHT_DECAY_BIAS)
+    return maybe_add_gradient_clipping(d2cfg, torch.optim.Adam(params, lr=s.BASE_LR, weight_decay=s.WEIGHT_DECAY))
+
+
+def _ValidationHook(adapter: "Detectron2MaskRCNN", ctx: FitContext, max_iter: int):
+    from detectron2.engine import HookBase
+
+    class ValidationHook(HookBase):
+        """Kaggle mAP of the validation split every ``eval_every`` iterations (a curve point)."""
+
+        def after_step(self):
+            it = self.trainer.iter + 1
+            if ctx.validation_due(it, max_iter):
+                adapter.model = self.trainer.model
+                ctx.validate(it, adapter.predict)
+                self.trainer.model.train()
+
+    return ValidationHook()
 
 
 def _LogHook(ctx: FitContext, period: int, max_iter: int):

@@ -147,6 +147,7 @@ class CascadeMaskRCNNAdapter(Adapter):
     install_hint = "make setup (builds mmcv 2.1.0 from source)"
     capabilities = Capabilities(predicts_classes=True, overlapping_masks=True)
     Config = CascadeConfig
+    warm_start_name = _WEIGHTS_FILE
 
     def __init__(self, cfg: AdapterConfig, classes: Sequence[str], device: str = "cpu"):
         super().__init__(cfg, classes, device)
@@ -230,7 +231,7 @@ class CascadeMaskRCNNAdapter(Adapter):
                 runner = Runner(
                     model=model,
                     experiment_name=f"cellbench-cascade-{uuid.uuid4().hex[:8]}",
-                    custom_hooks=[_cellbench_hook(ctx, total, c.log_interval, weights)],
+                    custom_hooks=[_cellbench_hook(ctx, total, c.log_interval, weights, self)],
                     cfg=dump,
                     **runner_cfg,
                 )
@@ -644,9 +645,10 @@ def _quiet_console(logger, console) -> None:
             h.setLevel(logging.WARNING)
 
 
-def _cellbench_hook(ctx: FitContext, total: int, interval: int, weights: Path | None):
+def _cellbench_hook(ctx: FitContext, total: int, interval: int, weights: Path | None, adapter=None):
     """An mmengine Hook object (passed in custom_hooks: no registry entry): loads the user's
-    weights after the Runner's random init, feeds ctx.report and ctx.log."""
+    weights after the Runner's random init, feeds ctx.report and ctx.log, and records the
+    validation curve (``eval_every``) with the adapter's own predict on the current weights."""
     from mmengine.hooks import Hook
 
     class CellbenchHook(Hook):
@@ -681,6 +683,10 @@ def _cellbench_hook(ctx: FitContext, total: int, interval: int, weights: Path | 
                 ctx.log(step=it, loss=rec.pop("loss", None), lr=lr,
                         seconds=round(time.time() - self.t0, 1), **rec)
                 self.acc, self.n = {}, 0
+            if adapter is not None and ctx.validation_due(it, total):
+                adapter.model = runner.model
+                ctx.validate(it, adapter.predict)
+                runner.model.train()
 
     return CellbenchHook()
 

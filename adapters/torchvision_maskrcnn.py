@@ -44,17 +44,21 @@ class TorchvisionMaskRCNNConfig(AdapterConfig):
     box_nms_thresh: float = 0.5
     mask_threshold: float = 0.5
     min_size: int = 520            # images are resized so the short side is this (torchvision's default 800)
+    min_size_train: list[int] | None = None  # multi-scale training: one short side drawn per image (None: min_size)
     max_size: int = 1333
     iterations: int = 3000
     batch_size: int = 2
+    optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = 0.02
-    momentum: float = 0.9
+    momentum: float = 0.9            # SGD only
     weight_decay: float = 1e-4
     warmup_iters: int = 200
     lr_steps: list[int] = [2000, 2600]
     gamma: float = 0.1
-    hflip: bool = True
-    vflip: bool = True
+    # none: as is; default: horizontal flip + the min_size_train resize (the study's default);
+    # extra: + vertical flip, brightness and contrast x0.8-1.2, resize range widened x0.8-1.2
+    augment: Literal["none", "default", "extra"] = "default"
+    amp: bool = False                # mixed precision; CUDA only (ignored, and logged, on CPU)
     log_every: int = 10
     grad_clip: float | None = 10.0
 
@@ -66,6 +70,7 @@ class TorchvisionMaskRCNN(Adapter):
     install_hint = 'pip install "torch===2.13.0" "torchvision==0.28.0"'
     capabilities = Capabilities(predicts_classes=True, overlapping_masks=True)
     Config = TorchvisionMaskRCNNConfig
+    warm_start_name = "model.pt"
 
     def __init__(self, cfg, classes, device="cpu"):
         super().__init__(cfg, classes, device)
@@ -146,7 +151,16 @@ class TorchvisionMaskRCNN(Adapter):
         self.model = self._build()
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        if c.optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
+        else:
+            opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        use_amp = c.amp and str(self.device).startswith("cuda")
+        if c.amp and not use_amp:
+            ctx.log(iteration=0, note="amp=true ignored: mixed precision needs CUDA")
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        train_sizes = self._train_sizes(c)
+        self.model.transform.min_size = train_sizes
 
         def lr_at(it: int) -> float:
             warm = min(1.0, (it + 1) / max(c.warmup_iters, 1))
@@ -162,29 +176,50 @@ class TorchvisionMaskRCNN(Adapter):
                 img, target = self._target(img, inst, rng, c)
                 images.append(img.to(self.device))
                 targets.append({k: v.to(self.device) for k, v in target.items()})
-            losses = self.model(images, targets)
-            loss = sum(losses.values())
+            with torch.autocast("cuda", enabled=use_amp):
+                losses = self.model(images, targets)
+                loss = sum(losses.values())
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"loss is {float(loss)} at iteration {it}: lower lr")
             opt.zero_grad()
-            loss.backward()
+            scaler.scale(loss).backward()
             if c.grad_clip:
+                scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             if it % c.log_every == 0 or it == c.iterations - 1:
                 ctx.log(iteration=it + 1, loss=loss.item(), lr=lr_at(it), time=time.perf_counter() - t0,
                         **{k: v.item() for k, v in losses.items()})
             ctx.report(it + 1, c.iterations, loss=loss.item())
+            if ctx.validation_due(it + 1, c.iterations):
+                ctx.validate(it + 1, self.predict)
+                self.model.train()
+                self.model.transform.min_size = train_sizes
+        self.model.transform.min_size = (c.min_size,)
         self.model.eval()
+
+    @staticmethod
+    def _train_sizes(c: "TorchvisionMaskRCNNConfig") -> tuple[int, ...]:
+        """Short sides drawn from during training (torchvision's transform picks one per batch)."""
+        sizes = list(c.min_size_train or [c.min_size]) if c.augment != "none" else [c.min_size]
+        if c.augment == "extra":
+            lo, hi = int(round(min(sizes) * 0.8)), int(round(max(sizes) * 1.2))
+            sizes = sorted(set(sizes) | set(np.linspace(lo, hi, 5).round().astype(int).tolist()))
+        return tuple(int(x) for x in sizes)
 
     def _target(self, img, inst: Instances, rng, c: TorchvisionMaskRCNNConfig):
         import torch
 
         masks = np.stack([inst.dense(i) for i in range(len(inst))])
-        if c.hflip and rng.random() < 0.5:
+        if c.augment != "none" and rng.random() < 0.5:
             img, masks = img.flip(-1), masks[:, :, ::-1]
-        if c.vflip and rng.random() < 0.5:
-            img, masks = img.flip(-2), masks[:, ::-1, :]
+        if c.augment == "extra":
+            if rng.random() < 0.5:
+                img, masks = img.flip(-2), masks[:, ::-1, :]
+            contrast, brightness = rng.uniform(0.8, 1.2, size=2)
+            m = img.mean()
+            img = ((img - m) * float(contrast) + m * float(brightness)).clamp(0, 1)
         masks = np.ascontiguousarray(masks)
         ys = masks.any(axis=2)
         xs = masks.any(axis=1)
@@ -204,6 +239,7 @@ class TorchvisionMaskRCNN(Adapter):
             raise RuntimeError("maskrcnn-tv: fit() or load() first")
         c: TorchvisionMaskRCNNConfig = self.cfg  # type: ignore[assignment]
         self.model.eval()
+        self.model.transform.min_size = (c.min_size,)
         out = []
         with torch.inference_mode():
             for s in samples:

@@ -96,13 +96,14 @@ def tiny(tmp_path_factory):
     return ds.samples[:6], ds.samples[6:], ds.classes
 
 
-def _fit(tiny, workdir: Path, **overrides):
+def _fit(tiny, workdir: Path, curve: list | None = None, **overrides):
     train, val, classes = tiny
     cfg = make_config("cascade", "smoke", {**TINY, **overrides})
     model = get("cascade")(cfg, classes, "cpu")
     logs, reports = [], []
     ctx = FitContext(workdir=workdir, seed=0, log_loss=logs.append,
-                     progress=lambda done, total, info: reports.append((done, total)))
+                     progress=lambda done, total, info: reports.append((done, total)),
+                     val=val, eval_every=cfg.eval_every, log_val=(curve.append if curve is not None else None))
     model.fit(train, val, cfg, ctx)
     return model, logs, reports
 
@@ -292,3 +293,11 @@ def test_fit_is_reproducible_and_mask_heads_are_initialised(tiny, tmp_path):
     for i in range(3):  # FCNMaskHead.init_weights: zero biases for the upsampling and the logits
         assert a[f"roi_head.mask_head.{i}.upsample.bias"].abs().max() < 1e-6
         assert a[f"roi_head.mask_head.{i}.conv_logits.bias"].abs().max() < 1e-6
+
+
+def test_validation_curve_during_training_leaves_training_unchanged(trained, tiny, tmp_path):
+    """eval_every records Kaggle mAP on val mid-training, and the trained model is the same as without."""
+    curve = []
+    model, _, _ = _fit(tiny, tmp_path / "curve", curve=curve, eval_every=2)
+    assert [r["step"] for r in curve] == [2, 4] and all(0 <= r["kaggle_map"] <= 1 for r in curve)
+    _same(trained[0].predict(tiny[1]), model.predict(tiny[1]))

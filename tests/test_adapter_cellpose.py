@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from bench.adapters.base import FitContext
+from bench.metrics import kaggle
 from bench.adapters.registry import ConfigError, build, get, make_config
 from bench.data.sample import Instances, Sample
 
@@ -97,9 +98,17 @@ def test_train_predict_save_load_roundtrip(synth, tmp_path):
     train, val = synth.samples[:6], synth.samples[6:]
     m = build(_tiny_fit_cfg(), synth.classes, preset="smoke")
     logs, progress = [], []
+    curve = []
     ctx = FitContext(workdir=tmp_path / "work", seed=0, log_loss=logs.append,
-                     progress=lambda d, t, info: progress.append((d, t)))
+                     progress=lambda d, t, info: progress.append((d, t)), val=val, eval_every=2,
+                     log_val=curve.append)
     m.fit(train, val, m.cfg, ctx)
+
+    # validation curve from train_seg's snapshots: saved after 0-based epoch 2 (3 epochs done), then the end
+    assert [r["step"] for r in curve] == [3, 4]
+    assert all(0.0 <= r["kaggle_map"] <= 1.0 for r in curve)
+    assert curve[-1]["kaggle_map"] == pytest.approx(
+        kaggle.quick_map([s.instances for s in val], m.predict(val)))  # the end point is the final model
 
     # one loss record per epoch, progress up to the end
     assert [r["epoch"] for r in logs] == [1, 2, 3, 4]

@@ -231,11 +231,14 @@ def test_fit_predict_save_load(tiny, tmp_path):
     train = train[:-1] + [Sample("inmem", train[-1].instances, None, dict(train[-1].meta), train[-1].image)]
     m = build("maskrcnn", tiny.classes, preset="smoke")
     cfg = make_config("maskrcnn", "smoke", TINY_OPTS)
-    logs, progress = [], []
+    logs, progress, curve = [], [], []
     ctx = FitContext(workdir=tmp_path / "run", log_loss=logs.append,
-                     progress=lambda d, t, info: progress.append((d, t)))
+                     progress=lambda d, t, info: progress.append((d, t)), val=val, eval_every=6,
+                     log_val=curve.append)
     before = set(DatasetCatalog.list())
     m.fit(train, val, cfg, ctx)
+    assert [r["step"] for r in curve] == [6, 12] and all(0 <= r["kaggle_map"] <= 1 for r in curve)
+    assert m.model.training is False
     assert set(DatasetCatalog.list()) == before          # registered for the fit only
     assert [r["step"] for r in logs] == [4, 8, 12]
     assert all(np.isfinite(r["loss"]) and "loss_mask" in r for r in logs)
@@ -293,3 +296,28 @@ def test_uint16_grey_training_step(tmp_path):
     m.fit([s], [], cfg, FitContext(workdir=tmp_path))
     (p,) = m.predict([s])
     assert (p.height, p.width) == (64, 64)
+
+
+@pytest.mark.detectron2
+@pytest.mark.skipif(not HAS_D2, reason="detectron2 is not installed")
+@pytest.mark.parametrize("opts", [{"optimizer": "adam", "augment": "extra"}, {"augment": "none"}])
+def test_optimizer_and_augmentation_variants_train(tiny, tmp_path, opts):
+    """The study's Adam and augmentation variants are real detectron2 trainings, not config labels."""
+    from detectron2.data import transforms as T
+
+    m = build("maskrcnn", tiny.classes, preset="smoke")
+    cfg = make_config("maskrcnn", "smoke", {**TINY_OPTS, "max_iter": 2, "steps": [], **opts})
+    m.cfg = cfg
+    m.pixel_stats = ([128.0] * 3, [10.0] * 3)
+    augs = d2m.train_augmentations(m._d2_config(), cfg.augment)
+    kinds = [type(a).__name__ for a in augs]
+    if cfg.augment == "extra":
+        assert {"RandomBrightness", "RandomContrast", "RandomFlip"} <= set(kinds) and kinds.count("RandomFlip") == 2
+        assert isinstance(augs[0], T.ResizeShortestEdge) and augs[0].is_range
+    else:
+        assert kinds == ["ResizeShortestEdge"]
+    logs = []
+    m.fit(tiny.samples[:4], [], cfg, FitContext(workdir=tmp_path, log_loss=logs.append))
+    assert logs and np.isfinite(logs[-1]["loss"])
+    if cfg.optimizer == "adam":
+        assert logs[-1]["lr"] > 0

@@ -8,6 +8,7 @@ import pytest
 from bench.adapters.base import FitContext
 from bench.adapters.registry import ConfigError, build, make_config, registered
 from bench.data.io import read_sartorius
+from bench.metrics import kaggle
 
 TINY_TV = {"iterations": 6, "batch_size": 2, "min_size": 128, "max_size": 128, "log_every": 2,
            "warmup_iters": 2, "lr_steps": [5], "box_score_thresh": 0.0, "detections_per_image": 50,
@@ -48,6 +49,29 @@ def test_maskrcnn_tv_trains_predicts_saves_loads(tiny_synth, tmp_path):
         np.testing.assert_array_equal(p.scores, q.scores)
         for c1, c2 in zip(p.counts, q.counts):
             np.testing.assert_array_equal(c1, c2)
+
+
+@pytest.mark.parametrize("opts", [{"optimizer": "adam", "augment": "extra", "min_size_train": [112, 128]},
+                                  {"augment": "none"}])
+def test_maskrcnn_tv_study_variants_and_validation_curve(tiny_synth, tmp_path, opts):
+    """Adam / augmentation variants train for real; a validation curve leaves training unchanged."""
+    ds = read_sartorius(tiny_synth)
+    train, val = ds.samples[:6], ds.samples[6:8]
+    cfg = make_config("maskrcnn-tv", "smoke", {**TINY_TV, "iterations": 4, **opts})
+    runs = []
+    for every in (0, 2):
+        a = build("maskrcnn-tv", ds.classes, "smoke")
+        curve, log = [], []
+        a.fit(train, val, cfg, FitContext(tmp_path / f"w{every}", "cpu", 0, None, log.append, val=val,
+                                          eval_every=every, log_val=curve.append))
+        assert np.isfinite(log[-1]["loss"])
+        runs.append((a.predict(val), curve))
+    assert runs[0][1] == [] and [r["step"] for r in runs[1][1]] == [2, 4]
+    assert runs[1][1][-1]["kaggle_map"] == pytest.approx(kaggle.quick_map([s.instances for s in val], runs[1][0]))
+    for p, q in zip(runs[0][0], runs[1][0]):
+        np.testing.assert_array_equal(p.scores, q.scores)
+    sizes = type(a)._train_sizes(cfg)
+    assert sizes == ((128,) if cfg.augment == "none" else (90, 106, 112, 122, 128, 138, 154))
 
 
 def test_maskrcnn_tv_weights_are_local_only(tiny_synth, tmp_path):

@@ -91,3 +91,13 @@ def resolve_overlaps(pred: Instances) -> Instances:
     out = Instances(pred.height, pred.width, counts, pred.classes[keep],
                     None if pred.scores is None else pred.scores[keep])
     return out.subset(np.argsort(keep, kind="stable"))  # original order
+
+
+def quick_map(gts: list[Instances], preds: list[Instances]) -> float:
+    """Kaggle mAP of a prediction list against its ground truth list (same order), overlaps
+    resolved: what validation curves record during training (no COCO, no bootstrap)."""
+    if len(gts) != len(preds):
+        raise ValueError(f"{len(preds)} predictions for {len(gts)} ground-truth images")
+    if not gts:
+        return float("nan")
+    return float(np.mean([score_image(g, p, resolve_overlaps=True).score for g, p in zip(gts, preds)]))

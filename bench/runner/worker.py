@@ -113,6 +113,8 @@ def main(model_dir: Path) -> int:
     dataset = load_dataset(job["data"])
     split = read_split(run_dir / "split.json", dataset)
     train, val = dataset.subset(split["train"]), dataset.subset(split["val"])
+    if job.get("train_on") == "train+val":  # a sweep stage that retrains on everything (scores are in-sample)
+        train = dataset.subset(split["train"] + split["val"])
     adapter = cls(cfg, dataset.classes, device)
     ckpt = model_dir / "checkpoint"
 
@@ -124,6 +126,8 @@ def main(model_dir: Path) -> int:
         _status(model_dir, state="running", stage="fit")
         log_path = model_dir / "train_log.jsonl"
         log_path.unlink(missing_ok=True)  # an unfinished fit starts over: its log does too
+        curve_path = model_dir / "val_curve.jsonl"
+        curve_path.unlink(missing_ok=True)
         bar = Progress(f"{job['label']} train")
         steps = {"n": 0}
 
@@ -133,12 +137,14 @@ def main(model_dir: Path) -> int:
             bar(done, total, info)
 
         ctx = FitContext(model_dir / "work", device, job["seed"], progress,
-                         lambda rec: append_jsonl(log_path, {**rec, "t": time.time()}))
+                         lambda rec: append_jsonl(log_path, {**rec, "t": time.time()}),
+                         val=list(val), eval_every=int(getattr(cfg, "eval_every", 0) or 0),
+                         log_val=lambda rec: append_jsonl(curve_path, {**rec, "t": time.time()}))
         ctx.workdir.mkdir(parents=True, exist_ok=True)
         _seed_everything(job["seed"])
         t0 = time.perf_counter()
         adapter.fit(list(train), list(val), cfg, ctx)
-        train_s = time.perf_counter() - t0
+        train_s = time.perf_counter() - t0 - ctx.validation_seconds
         bar.close()
         tmp = model_dir / "checkpoint.tmp"
         _rmtree(tmp)
@@ -146,7 +152,8 @@ def main(model_dir: Path) -> int:
         _rmtree(ckpt)
         os.replace(tmp, ckpt)
         atomic_write_json(model_dir / "fit.done.json", {
-            "train_seconds": train_s, "iterations": steps.get("total", steps["n"]),
+            "train_seconds": train_s, "validation_curve_seconds": ctx.validation_seconds,
+            "iterations": steps.get("total", steps["n"]),
             "seconds_per_iteration": train_s / max(steps.get("total", steps["n"]) or 1, 1),
             "peak_rss_mb": _rss_mb(), "cuda_peak_mb": _cuda_peak_mb(device)})
 
