@@ -184,13 +184,26 @@ def run_cmd(models: str = typer.Option(..., "--models", help="Comma-separated sp
 
 
 @app.command("report")
-def report_cmd(runs: Optional[list[Path]] = typer.Argument(None, help="Run folders (default: the latest)."),
+def report_cmd(runs: Optional[list[Path]] = typer.Argument(None, help="Run folders (default: the latest), "
+                                                                      "or one sweep folder."),
                out: Path = typer.Option(Path("results"), "--out", help="Where leaderboard.* and plots go.")):
-    """Leaderboard (md, csv, html) and PNG plots from one or more runs."""
+    """Leaderboard (md, csv, html) and PNG plots from one or more runs, or a sweep's report."""
     from bench.report.leaderboard import write_report
     from bench.runner.run import latest_run
 
     runs = list(runs or [])
+    from bench.sweep import is_sweep
+
+    if len(runs) == 1 and is_sweep(runs[0]):  # a sweep folder: its own report (default: SWEEP/report)
+        from bench.report.sweep_report import write_sweep_report
+
+        try:
+            paths = write_sweep_report(runs[0], None if out == Path("results") else out)
+        except (DataError, OSError, ValueError, KeyError) as e:
+            _fail(e)
+        for p in paths:
+            typer.echo(f"wrote {p}")
+        return
     if not runs:
         last = latest_run()
         if last is None:
@@ -204,4 +217,4 @@ def report_cmd(runs: Optional[list[Path]] = typer.Argument(None, help="Run folde
         typer.echo(f"wrote {p}")
 
 
-from bench import cli_extra  # noqa: E402,F401  (registers tune/predict/submit)
+from bench import cli_extra, cli_sweep  # noqa: E402,F401  (register tune/predict/submit and sweep)

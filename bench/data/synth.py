@@ -89,14 +89,46 @@ PARAMS = {
         max_overlap=0.15, p_touch=0.8, interior=(-10.0, 5.0), texture=5.0, halo=160.0, border=20.0, debris=35),
 }
 
+# A stand-in for LIVECell (a second dataset to pretrain on, which cellbench cannot download):
+# other cell types with other shapes and densities, written in COCO format as LIVECell is.
+# Not LIVECell: no claim about transfer to real LIVECell follows from it.
+LIVECELL_TYPES = ("a172", "bv2", "skov3")
+PARAMS.update({
+    "a172": CellParams(   # large, flat, irregular, spread processes
+        n_median=60, n_sigma=0.5, n_range=(10, 160), area_median=900, area_sigma=0.6, area_max=6000,
+        aspect=(0.4, 0.8), harmonics=0.22, bend=0.2, p_process=0.7, n_process=(1, 3),
+        process_frac=(0.1, 0.25), process_radius=(1.2, 1.8), clustered=0.4, cluster_sigma=(40, 100),
+        max_overlap=0.1, p_touch=0.5, interior=(-6.0, 3.0), texture=7.0, halo=110.0, border=15.0, debris=30),
+    "bv2": CellParams(    # small, round, dense microglia
+        n_median=450, n_sigma=0.5, n_range=(80, 900), area_median=110, area_sigma=0.35, area_max=500,
+        aspect=(0.75, 1.0), harmonics=0.05, bend=0.05, p_process=0.05, n_process=(1, 1),
+        process_frac=(0.05, 0.1), process_radius=(1.0, 1.1), clustered=0.6, cluster_sigma=(20, 60),
+        max_overlap=0.1, p_touch=0.7, interior=(-12.0, 4.0), texture=4.0, halo=170.0, border=25.0, debris=50),
+    "skov3": CellParams(  # medium, elongated, bent
+        n_median=150, n_sigma=0.5, n_range=(20, 400), area_median=450, area_sigma=0.5, area_max=2500,
+        aspect=(0.25, 0.5), harmonics=0.12, bend=0.4, p_process=0.2, n_process=(1, 2),
+        process_frac=(0.08, 0.2), process_radius=(1.0, 1.3), clustered=0.7, cluster_sigma=(30, 80),
+        max_overlap=0.12, p_touch=0.6, interior=(-8.0, 4.0), texture=6.0, halo=130.0, border=18.0, debris=40),
+})
+_SAMPLE_PREFIX.update({t: f"livecell-like[{t}]" for t in LIVECELL_TYPES})
+STYLES = {"sartorius": (CELL_TYPES, TYPE_MIX), "livecell": (LIVECELL_TYPES, (0.34, 0.33, 0.33))}
+
 
 # ---------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------
 
-def generate(out_dir: str | Path, n_images: int = 100, size: tuple[int, int] = (704, 520), seed: int = 0) -> Path:
-    """Writes out_dir/train.csv and out_dir/train/<id>.png; returns out_dir."""
+def generate(out_dir: str | Path, n_images: int = 100, size: tuple[int, int] = (704, 520), seed: int = 0,
+             style: str = "sartorius") -> Path:
+    """Writes out_dir/train.csv and out_dir/train/<id>.png; returns out_dir.
+
+    ``style="livecell"``: the LIVECell stand-in (other cell types and shapes), written as
+    LIVECell is, in COCO format: ``out_dir/livecell_like.json`` and ``out_dir/images/<id>.png``.
+    """
     from PIL import Image
+
+    if style not in STYLES:
+        raise ValueError(f"unknown synthetic style {style!r} (one of {', '.join(STYLES)})")
 
     out_dir = Path(out_dir)
     width, height = int(size[0]), int(size[1])
@@ -104,19 +136,22 @@ def generate(out_dir: str | Path, n_images: int = 100, size: tuple[int, int] = (
         raise ValueError("n_images must be >= 1")
     if width < 8 or height < 8:
         raise ValueError(f"size {width}x{height} too small (want at least 8x8)")
-    img_dir = out_dir / "train"
+    img_dir = out_dir / ("train" if style == "sartorius" else "images")
     img_dir.mkdir(parents=True, exist_ok=True)
 
-    plan = _plan(n_images, seed)
+    plan = _plan(n_images, seed, style)
     rows: list[tuple[str, list[str], dict]] = []
     for i, meta in enumerate(plan):
-        iid = image_id(seed, i)
+        iid = image_id(seed, i, style)
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(i,)))
         img, masks = render_image(rng, meta["cell_type"], width, height, meta["density"])
         Image.fromarray(img, mode="L").save(img_dir / f"{iid}.png", compress_level=3)
         rows.append((iid, [_kaggle_rle_crop(m, y0, x0, width) for y0, x0, m in masks], meta))
 
     rows.sort(key=lambda r: r[0])  # Kaggle's train.csv is ordered by id
+    if style != "sartorius":
+        _write_coco(out_dir / "livecell_like.json", rows, width, height, STYLES[style][0])
+        return out_dir
     with open(out_dir / "train.csv", "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(CSV_COLUMNS)
@@ -127,17 +162,41 @@ def generate(out_dir: str | Path, n_images: int = 100, size: tuple[int, int] = (
     return out_dir
 
 
-def image_id(seed: int, index: int) -> str:
-    """12 hex chars, deterministic from (seed, index)."""
-    return hashlib.sha1(f"cellbench-synth:{seed}:{index}".encode()).hexdigest()[:12]
+def image_id(seed: int, index: int, style: str = "sartorius") -> str:
+    """12 hex chars, deterministic from (seed, index) (and the style, other than the default)."""
+    key = f"cellbench-synth:{seed}:{index}" + ("" if style == "sartorius" else f":{style}")
+    return hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def _write_coco(path: Path, rows, width: int, height: int, types: tuple[str, ...]) -> None:
+    """LIVECell's layout: one COCO instance json, compressed RLE segmentations, overlap kept."""
+    import json
+
+    from bench.data import rle
+
+    cat = {t: k + 1 for k, t in enumerate(types)}
+    images, annos = [], []
+    for n, (iid, anns, meta) in enumerate(rows, start=1):
+        images.append({"id": n, "file_name": f"{iid}.png", "width": width, "height": height,
+                       "cell_type": meta["cell_type"], "sample_id": meta["sample_id"]})
+        for a in anns:
+            counts = rle.kaggle_decode(a, height, width)
+            m = rle.decode_mask(counts, height, width)
+            ys, xs = np.nonzero(m)
+            annos.append({"id": len(annos) + 1, "image_id": n, "category_id": cat[meta["cell_type"]],
+                          "segmentation": rle.to_coco_rle(counts, height, width), "area": int(m.sum()),
+                          "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
+                                   int(ys.max() - ys.min() + 1)], "iscrowd": 0})
+    cats = [{"id": k, "name": t, "supercategory": "cell"} for t, k in cat.items()]
+    path.write_text(json.dumps({"images": images, "annotations": annos, "categories": cats}))
 
 
 # ---------------------------------------------------------------------------
 # dataset plan: cell types, samples (wells) and plate times
 # ---------------------------------------------------------------------------
 
-def _type_counts(n: int) -> list[int]:
-    raw = np.array(TYPE_MIX) * n
+def _type_counts(n: int, mix=TYPE_MIX) -> list[int]:
+    raw = np.array(mix) * n
     counts = np.floor(raw).astype(int)
     for k in np.argsort(-(raw - counts), kind="stable")[: n - counts.sum()]:
         counts[k] += 1
@@ -148,10 +207,11 @@ def _type_counts(n: int) -> list[int]:
     return counts.tolist()
 
 
-def _plan(n_images: int, seed: int) -> list[dict]:
+def _plan(n_images: int, seed: int, style: str = "sartorius") -> list[dict]:
     rng = np.random.default_rng(seed)
     groups = []
-    for ct, k in zip(CELL_TYPES, _type_counts(n_images)):
+    types, mix = STYLES[style]
+    for ct, k in zip(types, _type_counts(n_images, mix)):
         well = 0
         while k > 0:
             g = min(k, int(rng.integers(2, 5)))

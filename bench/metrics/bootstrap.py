@@ -90,3 +90,47 @@ def paired_bootstrap(a: dict[str, float], b: dict[str, float], n_resamples: int 
     means = (w @ d) / len(ids)
     lo, hi = np.quantile(means, [0.025, 0.975])
     return PairedTest(float(d.mean()), (float(lo), float(hi)), float((means > 0).mean()), len(ids))
+
+
+def _seed_means(scores: np.ndarray, w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Per resample: mean over resampled seeds (rows) of the image-weighted mean (w: B x n)."""
+    n_seeds, n = scores.shape
+    per_seed = (w @ scores.T) / n                         # (B, n_seeds): every seed under each resample
+    if n_seeds == 1:
+        return per_seed[:, 0]
+    pick = rng.integers(0, n_seeds, size=(len(w), n_seeds))  # seeds drawn with replacement
+    return np.take_along_axis(per_seed, pick, axis=1).mean(axis=1)
+
+
+def seeds_images_ci(scores: np.ndarray, n_resamples: int = N_RESAMPLES, seed: int = 0,
+                    level: float = 0.95) -> tuple[float, float]:
+    """CI of the mean of a (seeds x images) score matrix, resampling images and seeds.
+
+    Both sources of noise count: which images were held out and which training seed ran.
+    With one seed this is :func:`bootstrap_ci` of that seed's per-image scores.
+    """
+    s = np.atleast_2d(np.asarray(scores, float))
+    if s.size == 0:
+        return (float("nan"), float("nan"))
+    w = resample_weights(s.shape[1], n_resamples, seed)
+    means = _seed_means(s, w, np.random.default_rng(seed + 1))
+    a = (1 - level) / 2
+    lo, hi = np.quantile(means, [a, 1 - a])
+    return float(lo), float(hi)
+
+
+def paired_seeds_images(a: np.ndarray, b: np.ndarray, n_resamples: int = N_RESAMPLES, seed: int = 0) -> PairedTest:
+    """A vs B, each a (seeds x images) matrix on the same images (same column order).
+
+    Images are resampled together (paired: the same held-out images for both); seeds are
+    resampled independently for A and B (a seed of A is not the same training run as that
+    seed of B). Returns the difference of means A - B, its 95% CI and P(A > B).
+    """
+    a, b = np.atleast_2d(np.asarray(a, float)), np.atleast_2d(np.asarray(b, float))
+    if a.shape[1] != b.shape[1] or a.shape[1] == 0:
+        raise ValueError(f"need score matrices over the same images, got {a.shape} and {b.shape}")
+    w = resample_weights(a.shape[1], n_resamples, seed)
+    rng = np.random.default_rng(seed + 1)
+    diffs = _seed_means(a, w, rng) - _seed_means(b, w, rng)
+    lo, hi = np.quantile(diffs, [0.025, 0.975])
+    return PairedTest(float(a.mean() - b.mean()), (float(lo), float(hi)), float((diffs > 0).mean()), a.shape[1])

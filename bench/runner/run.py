@@ -64,19 +64,24 @@ def resolve_device(device: str) -> str:
         return "cpu"
 
 
-def builtin_dataset(preset: str, cache: Path | None = None, seed: int = 0) -> Path:
-    """Generate the synthetic dataset once into the cache (atomically), then reuse it."""
+def builtin_dataset(preset: str, cache: Path | None = None, seed: int = 0, style: str = "sartorius") -> Path:
+    """Generate the synthetic dataset once into the cache (atomically), then reuse it.
+
+    ``style="livecell"`` is the second built-in dataset (other cell types and shapes, COCO
+    format): the stand-in sweeps pretrain on where real LIVECell is not at hand.
+    """
     from bench.data.synth import generate
 
     spec = BUILTIN.get(preset, BUILTIN["smoke"])
     w, h = spec["size"]
     cache = cache or RESULTS / "cache"
-    out = cache / f"synth-v{SYNTH_VERSION}-{spec['n_images']}x{w}x{h}-seed{seed}"
-    if (out / "train.csv").is_file():
+    tag = "synth" if style == "sartorius" else f"synth-{style}"
+    out = cache / f"{tag}-v{SYNTH_VERSION}-{spec['n_images']}x{w}x{h}-seed{seed}"
+    if (out / "train.csv").is_file() or (out / "livecell_like.json").is_file():
         return out
     tmp = cache / f".{out.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    generate(tmp, n_images=spec["n_images"], size=(w, h), seed=seed)
+    generate(tmp, n_images=spec["n_images"], size=(w, h), seed=seed, style=style)
     try:
         os.replace(tmp, out)
     except OSError:  # another process made it first
@@ -120,8 +125,17 @@ def latest_run(results: Path = RESULTS) -> Path | None:
 def run_benchmark(models: list[str], data: str | None = None, preset: str = "smoke", device: str = "auto",
                   seed: int = 0, out: Path | None = None, resume: bool = False, val_fraction: float = 0.2,
                   results: Path = RESULTS, config_root: Path | None = None, echo=print,
-                  timeout_s: float | None = None) -> tuple[Path, list[ModelOutcome]]:
-    """Fit, predict and score every model; returns the run folder and one outcome per model."""
+                  timeout_s: float | None = None, overrides: dict[str, dict] | None = None,
+                  split_file: Path | None = None, train_on: str = "train") -> tuple[Path, list[ModelOutcome]]:
+    """Fit, predict and score every model; returns the run folder and one outcome per model.
+
+    For sweeps: ``overrides`` (spec -> config values, merged over the spec's own options; lists
+    and nested values that a ``key=value`` string cannot carry), ``split_file`` (a split made
+    once for every run of the sweep) and ``train_on="train+val"`` (a stage that retrains on
+    every labelled image: its validation scores are in-sample).
+    """
+    if train_on not in ("train", "train+val"):
+        raise ValueError(f"train_on must be 'train' or 'train+val', got {train_on!r}")
     if preset not in registry.PRESETS:
         raise registry.ConfigError(f"unknown preset {preset!r} (one of {', '.join(registry.PRESETS)})")
     specs = registry.split_specs(",".join(models))
@@ -131,6 +145,7 @@ def run_benchmark(models: list[str], data: str | None = None, preset: str = "smo
     configs = {}
     for spec in specs:
         name, opts = registry.parse_spec(spec)
+        opts.update((overrides or {}).get(spec, {}))
         configs[spec] = registry.make_config(name, preset, opts, config_root).model_dump(mode="json")
     device = resolve_device(device)
 
@@ -151,7 +166,7 @@ def run_benchmark(models: list[str], data: str | None = None, preset: str = "smo
     else:
         data_path = str(Path(data).resolve()) if data else str(builtin_dataset(preset, results / "cache").resolve())
         dataset = load_dataset(data_path)
-        split = make_split(dataset, val_fraction, seed)
+        split = read_split(split_file, dataset) if split_file else make_split(dataset, val_fraction, seed)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         key = hashlib.sha256(json.dumps([specs, preset, seed, split["hash"]]).encode()).hexdigest()[:6]
         out = out or results / "runs" / f"{stamp}-{key}"
@@ -161,7 +176,7 @@ def run_benchmark(models: list[str], data: str | None = None, preset: str = "smo
             "command": " ".join(sys.argv), "models": specs, "preset": preset, "seed": seed, "device": device,
             "data": data_path, "builtin_data": data is None, "dataset": dataset.name, "classes": dataset.classes,
             "split_hash": split["hash"], "dataset_hash": split["dataset_hash"],
-            "n_train": len(split["train"]), "n_val": len(split["val"]), "configs": configs,
+            "n_train": len(split["train"]), "n_val": len(split["val"]), "configs": configs, "train_on": train_on,
             "packages": package_versions(), "git_commit": git_commit(), "python": sys.version.split()[0],
             "host": platform.node(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
             "gpu": _gpu_name(device), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "models_state": {},
@@ -176,7 +191,8 @@ def run_benchmark(models: list[str], data: str | None = None, preset: str = "smo
          f"device {device})")
     outcomes = []
     for spec in specs:
-        outcome = _run_model(out, spec, manifest["configs"][spec], data_path, device, seed, echo, timeout_s)
+        outcome = _run_model(out, spec, manifest["configs"][spec], data_path, device, seed, echo, timeout_s,
+                             manifest.get("train_on", "train"))
         outcomes.append(outcome)
         manifest["models_state"][outcome.label] = {"state": outcome.state, "detail": outcome.detail[:2000]}
         atomic_write_json(out / "manifest.json", manifest)
@@ -194,7 +210,7 @@ def _gpu_name(device: str) -> str | None:
 
 
 def _run_model(run_dir: Path, spec: str, config: dict, data: str, device: str, seed: int, echo,
-               timeout_s: float | None) -> ModelOutcome:
+               timeout_s: float | None, train_on: str = "train") -> ModelOutcome:
     label = model_label(spec)
     mdir = run_dir / "models" / label
     mdir.mkdir(parents=True, exist_ok=True)
@@ -210,18 +226,25 @@ def _run_model(run_dir: Path, spec: str, config: dict, data: str, device: str, s
     else:
         atomic_write_text(cfg_path, yaml.safe_dump(config, sort_keys=True))
     atomic_write_json(mdir / "job.json", {"spec": spec, "label": label, "config": config, "data": data,
-                                          "device": device, "seed": seed})
+                                          "device": device, "seed": seed, "train_on": train_on})
     echo(f"[{label}] starting")
     t0 = time.perf_counter()
     with open(mdir / "log.txt", "ab") as log:
         log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {spec} =====\n".encode())
         log.flush()
         # the worker's output goes to log.txt; its progress bars to our stderr, handed over as an fd
-        progress_fd = os.dup(sys.stderr.fileno())
-        env = dict(os.environ, CELLBENCH_PROGRESS_FD=str(progress_fd), PYTHONUNBUFFERED="1")
+        try:
+            progress_fd = os.dup(sys.stderr.fileno())
+        except (AttributeError, OSError, ValueError):  # stderr is not a file (captured): no progress bars
+            progress_fd = None
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop("CELLBENCH_PROGRESS_FD", None)
+        if progress_fd is not None:
+            env["CELLBENCH_PROGRESS_FD"] = str(progress_fd)
         try:
             proc = subprocess.Popen([sys.executable, "-m", "bench.runner.worker", str(mdir)], stdout=log,
-                                    stderr=subprocess.STDOUT, env=env, pass_fds=(progress_fd,))
+                                    stderr=subprocess.STDOUT, env=env,
+                                    pass_fds=(progress_fd,) if progress_fd is not None else ())
             try:
                 code = proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
@@ -233,7 +256,8 @@ def _run_model(run_dir: Path, spec: str, config: dict, data: str, device: str, s
                 proc.wait()
                 raise
         finally:
-            os.close(progress_fd)
+            if progress_fd is not None:
+                os.close(progress_fd)
     took = time.perf_counter() - t0
     status = json.loads((mdir / "status.json").read_text()) if (mdir / "status.json").is_file() else {}
     if code == 3 or status.get("state") == "not installed":

@@ -39,15 +39,20 @@ class FakeAdapter(Adapter):
     framework_modules = ("numpy",)
     capabilities = Capabilities(predicts_classes=True, overlapping_masks=True, devices=("cpu",))
     Config = FakeConfig
+    warm_start_name = "fake.json"
 
     def fit(self, train, val, cfg, ctx):
         self.cfg = cfg
         _bump(cfg, "fit")
         if cfg.mode == "crash_fit":
             raise RuntimeError("fake crash in fit")
+        if cfg.weights:  # a pretrain stage's checkpoint: record what was started from
+            ctx.log(started_from=cfg.weights, n_train=len(train))
         for i in range(cfg.iterations):
             ctx.log(iteration=i + 1, loss=1.0 / (i + 1))
             ctx.report(i + 1, cfg.iterations)
+            if ctx.validation_due(i + 1, cfg.iterations):
+                ctx.validate(i + 1, self.predict)
 
     def predict(self, samples):
         c = self.cfg

@@ -1,0 +1,321 @@
+"""``bench sweep``: an experiment as one config: a base, named variants, seeds, one split.
+
+A sweep file (``configs/experiments/*.yaml``) names a base (model, preset, dataset, split)
+and variants, each a set of config overrides, optionally with ``pretrain`` stages (train
+on another dataset, or on train+val, then start the variant from those weights). Every
+variant x seed is an ordinary run of the runner (its own folder, manifest, subprocess per
+model), all on the split the sweep makes once, so the report can pair them image by image.
+
+Layout::
+
+    SWEEP/sweep.json                     what was asked, package versions, state of every run
+    SWEEP/split.json                     the one split
+    SWEEP/runs/<variant>/seed<k>/        a run folder (bench run's layout)
+    SWEEP/runs/<variant>/seed<k>-pretrain<j>/   its stages, when it has some
+
+``--resume`` reopens a sweep and runs only what is unfinished; a changed sweep file is an
+error (start a new sweep) except for added seeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bench.adapters import registry
+from bench.adapters.registry import ConfigError
+from bench.util import atomic_write_json
+
+SWEEP_FILE = "sweep.json"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class StudyFigure(_Strict):
+    """A number published by the study this sweep reproduces: shown beside ours, labelled theirs."""
+
+    value: float                      # the study's validation mAP for this variant
+    reference: float | None = None    # the study's figure for what it compared against
+    text: str = ""
+
+
+class Stage(_Strict):
+    """Training before the variant's own fit; the variant starts from the stage's weights.
+
+    ``data``: a dataset path, ``builtin:livecell`` (the built-in LIVECell stand-in),
+    ``builtin`` (the sweep's built-in data, its own split) or ``split:train+val`` (the
+    sweep's data, training on train and val together: the variant's scores become in-sample).
+    """
+
+    data: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    note: str = ""
+
+
+class Variant(_Strict):
+    model: str | None = None          # None: the base model
+    preset: str | None = None         # None: the sweep's preset
+    options: dict[str, Any] = Field(default_factory=dict)
+    pretrain: list[Stage] = Field(default_factory=list)
+    note: str = ""
+    study: StudyFigure | None = None
+
+    @property
+    def in_sample(self) -> bool:
+        return any(st.data == "split:train+val" for st in self.pretrain)
+
+
+class Base(_Strict):
+    model: str
+    preset: str = "smoke"
+    data: str | None = None           # None: the built-in synthetic data of the preset
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    split_seed: int = 0
+    options: dict[str, Any] = Field(default_factory=dict)  # for every variant of the base model
+
+
+class SweepConfig(_Strict):
+    name: str
+    description: str = ""
+    study_source: str = ""            # where the study's figures come from
+    base: Base
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    reference: str = "base"           # the variant every other one is compared with
+    variants: dict[str, Variant]
+
+    @field_validator("variants")
+    @classmethod
+    def _names(cls, v: dict[str, Variant]) -> dict[str, Variant]:
+        if not v:
+            raise ValueError("needs at least one variant")
+        bad = [n for n in v if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", n)]
+        if bad:
+            raise ValueError(f"variant names must be folder-safe (letters, digits, _.+-): {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _reference(self) -> "SweepConfig":
+        if self.reference not in self.variants:
+            raise ValueError(f"reference variant {self.reference!r} is not among the variants")
+        return self
+
+
+# ---------------------------------------------------------------------------
+# reading and planning (no training)
+# ---------------------------------------------------------------------------
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    """Read and validate a sweep file; every problem names the file."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: sweep file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    try:
+        return SweepConfig(**(doc or {}))
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '?'}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"{path}: {problems}") from None
+    except TypeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def variant_model(cfg: SweepConfig, name: str) -> str:
+    return cfg.variants[name].model or cfg.base.model
+
+
+def variant_options(cfg: SweepConfig, name: str, sets: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The base options apply to variants of the base model only (another model has other keys)."""
+    v = cfg.variants[name]
+    opts = dict(cfg.base.options) if v.model in (None, cfg.base.model) else {}
+    opts.update(v.options)
+    fields = registry.get(variant_model(cfg, name)).Config.model_fields
+    opts.update({k: val for k, val in (sets or {}).items() if k in fields})
+    return opts
+
+
+def variant_preset(cfg: SweepConfig, name: str, preset: str | None = None) -> str:
+    return cfg.variants[name].preset or preset or cfg.base.preset
+
+
+def validate_plan(cfg: SweepConfig, where: Path, variants: list[str], preset: str | None,
+                  sets: dict[str, Any]) -> None:
+    """Every variant's (and stage's) config is built before anything trains: a typo fails now."""
+    unknown = [v for v in variants if v not in cfg.variants]
+    if unknown:
+        raise ConfigError(f"{where}: no variant(s) {unknown} (has {', '.join(cfg.variants)})")
+    if sets:
+        used = set()
+        for v in cfg.variants:
+            used |= set(sets) & set(registry.get(variant_model(cfg, v)).Config.model_fields)
+        if set(sets) - used:
+            raise ConfigError(f"--set {sorted(set(sets) - used)}: no model of this sweep has such an option")
+    for v in variants:
+        model, pre = variant_model(cfg, v), variant_preset(cfg, v, preset)
+        if pre not in registry.PRESETS:
+            raise ConfigError(f"{where}: variant {v}: unknown preset {pre!r}")
+        try:
+            opts = variant_options(cfg, v, sets)
+            registry.make_config(model, pre, opts)
+            for j, st in enumerate(cfg.variants[v].pretrain):
+                registry.make_config(model, pre, {**opts, **st.options})
+                cls = registry.get(model)
+                if cls.warm_start_name is None:
+                    raise ConfigError(f"{model} cannot start from its own checkpoint (pretrain stage {j})")
+        except ConfigError as e:
+            raise ConfigError(f"{where}: variant {v}: {e}") from None
+
+
+def config_hash(cfg: SweepConfig) -> str:
+    """Identity of a sweep for --resume: everything but the seeds (seeds may be added)."""
+    doc = cfg.model_dump(mode="json", exclude={"seeds"})
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------
+# running
+# ---------------------------------------------------------------------------
+
+def run_sweep(config_path: str | Path, seeds: list[int] | None = None, preset: str | None = None,
+              device: str = "auto", out: Path | None = None, resume: bool = False,
+              variants: list[str] | None = None, sets: dict[str, Any] | None = None,
+              data: str | None = None, results: Path = Path("results"), echo=print,
+              timeout_s: float | None = None) -> tuple[Path, dict[str, dict]]:
+    """Run every (chosen) variant x seed; returns the sweep folder and the state of each run."""
+    from bench.data.io import load_dataset
+    from bench.data.split import make_split, write_split
+    from bench.runner.run import builtin_dataset, git_commit, package_versions, resolve_device
+
+    config_path = Path(config_path)
+    cfg = load_sweep(config_path)
+    chosen = variants or list(cfg.variants)
+    sets = dict(sets or {})
+    validate_plan(cfg, config_path, chosen, preset, sets)
+    base_preset = preset or cfg.base.preset
+    device = resolve_device(device)
+
+    if out is None:
+        if resume:
+            found = sorted((results / "sweeps").glob(f"*-{cfg.name}/{SWEEP_FILE}"))
+            if not found:
+                raise FileNotFoundError(f"--resume: no earlier sweep {cfg.name!r} in {results / 'sweeps'}")
+            out = found[-1].parent
+        else:
+            out = results / "sweeps" / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.name}"
+    manifest_path = out / SWEEP_FILE
+    if manifest_path.is_file():
+        if not resume:
+            raise FileExistsError(f"{out} already holds a sweep: use --resume to continue it or another --out")
+        manifest = json.loads(manifest_path.read_text())
+        if manifest["config_hash"] != config_hash(cfg) or manifest["sets"] != sets:
+            raise ValueError(f"{config_path} (or --set) changed since {out} was started: start a new sweep")
+        if manifest["preset"] != base_preset:
+            raise ValueError(f"{out}: --resume with preset {base_preset} but the sweep has {manifest['preset']}")
+        seeds = sorted(set(manifest["seeds"]) | set(seeds or []))
+        data_path = manifest["data"]
+    else:
+        seeds = list(seeds or cfg.seeds)
+        data_path = data or cfg.base.data
+        data_path = str(Path(data_path).resolve()) if data_path else str(
+            builtin_dataset(base_preset, results / "cache").resolve())
+        dataset = load_dataset(data_path)
+        split = make_split(dataset, cfg.base.val_fraction, cfg.base.split_seed)
+        out.mkdir(parents=True, exist_ok=True)
+        write_split(split, out / "split.json")
+        manifest = {
+            "kind": "sweep", "name": cfg.name, "config_file": str(config_path), "config": cfg.model_dump(mode="json"),
+            "config_hash": config_hash(cfg), "sets": sets, "seeds": seeds, "preset": base_preset,
+            "variants_run": [], "device": device, "data": data_path, "builtin_data": not (data or cfg.base.data),
+            "split_hash": split["hash"], "n_train": len(split["train"]), "n_val": len(split["val"]),
+            "command": " ".join(sys.argv), "packages": package_versions(), "git_commit": git_commit(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": {},
+        }
+    manifest["seeds"] = seeds
+    manifest["variants_run"] = [v for v in cfg.variants if v in set(manifest["variants_run"]) | set(chosen)]
+    atomic_write_json(manifest_path, manifest)
+
+    echo(f"sweep {cfg.name}: {len(chosen)} variant(s) x {len(seeds)} seed(s) -> {out}")
+    for v in chosen:
+        for seed in seeds:
+            key = f"{v}/seed{seed}"
+            state = _run_one(cfg, v, seed, out, data_path, base_preset, preset, device, sets, echo, timeout_s,
+                             results / "cache")
+            manifest["runs"][key] = state
+            atomic_write_json(manifest_path, manifest)
+    manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    atomic_write_json(manifest_path, manifest)
+    return out, {k: manifest["runs"][k] for k in (f"{v}/seed{s}" for v in chosen for s in seeds)}
+
+
+def _run_one(cfg: SweepConfig, v: str, seed: int, out: Path, data_path: str, base_preset: str,
+             preset: str | None, device: str, sets: dict, echo, timeout_s, cache: Path) -> dict:
+    from bench.runner.run import builtin_dataset, model_label, run_benchmark
+
+    variant = cfg.variants[v]
+    model = variant_model(cfg, v)
+    pre = variant_preset(cfg, v, preset)
+    opts = variant_options(cfg, v, sets)
+    run_dir = out / "runs" / v / f"seed{seed}"
+    say = lambda msg: echo(f"[{v} seed {seed}] {msg}")  # noqa: E731
+    state: dict[str, Any] = {"variant": v, "seed": seed, "model": model, "run_dir": str(run_dir.relative_to(out)),
+                             "stages": []}
+    weights = None
+    for j, st in enumerate(variant.pretrain):
+        st_dir = out / "runs" / v / f"seed{seed}-pretrain{j}"
+        st_opts = {**opts, **st.options}
+        if weights:
+            st_opts["weights"] = weights
+        kw: dict[str, Any] = {}
+        if st.data == "split:train+val":
+            st_data, kw = data_path, {"split_file": out / "split.json", "train_on": "train+val"}
+        elif st.data == "builtin":
+            st_data = str(builtin_dataset(base_preset, cache))
+        elif st.data.startswith("builtin:"):
+            st_data = str(builtin_dataset(base_preset, cache, style=st.data.split(":", 1)[1]))
+        else:
+            st_data = st.data
+        say(f"pretrain stage {j} on {st.data}")
+        _, outcomes = run_benchmark([model], st_data, pre, device, seed, st_dir, True, cfg.base.val_fraction,
+                                    overrides={model: st_opts}, echo=say, timeout_s=timeout_s, **kw)
+        o = outcomes[0]
+        state["stages"].append({"data": st.data, "run_dir": str(st_dir.relative_to(out)), "state": o.state})
+        if o.state != "done":
+            state.update(state=o.state, detail=f"pretrain stage {j}: {o.detail}")
+            return state
+        ckpt = (st_dir / "models" / model_label(model) / "checkpoint").resolve()
+        weights = str(registry.get(model).warm_start_file(ckpt))
+    if weights:
+        opts["weights"] = weights
+    _, outcomes = run_benchmark([model], data_path, pre, device, seed, run_dir, True, cfg.base.val_fraction,
+                                overrides={model: opts}, split_file=out / "split.json", echo=say,
+                                timeout_s=timeout_s)
+    o = outcomes[0]
+    state.update(state=o.state, detail=o.detail, label=o.label)
+    return state
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """['iterations=8', 'eval_every=4'] -> {'iterations': 8, 'eval_every': 4} (values read as YAML)."""
+    out = {}
+    for it in items:
+        if "=" not in it:
+            raise ConfigError(f"--set {it!r} is not KEY=VALUE")
+        k, v = it.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def is_sweep(path: Path) -> bool:
+    return (Path(path) / SWEEP_FILE).is_file()
