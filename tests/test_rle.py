@@ -100,3 +100,21 @@ def test_vectorised_runs_match_per_mask_and_corner_pixels():
         s1, l1 = rle.runs_from_counts(c)
         np.testing.assert_array_equal(s[o == i], s1)
         np.testing.assert_array_equal(l[o == i], l1)
+
+
+def test_kaggle_decode_matches_dense_masks_with_runs_wrapping_rows():
+    """Runs that cross the end of a row (a mask touching the right border and the next row's left)
+    decode to the same pixels and the same COCO counts as the dense mask."""
+    rng = np.random.default_rng(1)
+    wrapped = 0
+    for _ in range(200):
+        h, w = (int(v) for v in rng.integers(1, 12, 2))
+        masks = [rng.random((h, w)) < rng.uniform(0.05, 0.9) for _ in range(int(rng.integers(1, 5)))]
+        masks = [m for m in masks if m.any()] or [np.ones((h, w), bool)]
+        anns = [rle.kaggle_encode_mask(m) for m in masks]
+        for a in anns:
+            v = np.array(a.split(), dtype=np.int64)
+            wrapped += int(((v[0::2] - 1) % w + v[1::2] > w).sum())
+        for c, m in zip(rle.kaggle_decode_many(anns, h, w), masks):
+            np.testing.assert_array_equal(c, rle.encode_mask(m))
+    assert wrapped > 100  # the case under test really occurred

@@ -315,21 +315,47 @@ def kaggle_decode_runs(
         problem = "runs not sorted" if starts[b[0] + 1] < starts[b[0]] else "runs overlap"
         fail(b + 1, f"{problem} (previous run ends at {prev_end})")
 
-    # row-major pixel index -> column-major, then sort per mask
-    pix = expand_runs(starts, lengths)
-    mask_of_pix = np.repeat(run_mask, lengths)
-    y, x = np.divmod(pix, width)
-    key = mask_of_pix * n_pix + x * height + y
+    # row-major runs -> column-major runs. A run that wraps past the end of a row is cut at
+    # the row ends first (rare), so that every pixel of a run shares its row y and the key
+    # mask * n_pix + x * height + y grows by `height` along the run: the keys come from one
+    # repeat and one arange, with no per-pixel division.
+    y0, x0 = np.divmod(starts, width)
+    if (wrap := np.flatnonzero(x0 + lengths > width)).size:
+        starts, lengths, run_mask = _cut_at_row_ends(starts, lengths, run_mask, width)
+        y0, x0 = np.divmod(starts, width)
+    total = int(lengths.sum())
+    first = np.cumsum(lengths) - lengths
+    base = run_mask * n_pix + x0 * height + y0 - first * height
+    key = np.repeat(base, lengths) + np.arange(total, dtype=np.int64) * height
+    # masks stay in order (their keys lie in [m * n_pix, (m + 1) * n_pix)), so a per-mask sort is
+    # a sort of the whole array, and the mask of the k-th sorted key is that of the k-th pixel
     key.sort()
-    mask_of_key = key // n_pix
-    # a run ends where pixels stop being consecutive or the mask changes (mask m's last pixel
-    # and mask m+1's first can have consecutive keys)
-    brk = np.flatnonzero((np.diff(key) != 1) | (np.diff(mask_of_key) != 0)) + 1
-    run_start = key[np.concatenate(([0], brk))]
+    mask_of_key = np.repeat(run_mask, lengths)
+    # a run ends where keys stop being consecutive or where a mask ends (mask m's last pixel and
+    # mask m+1's first can have consecutive keys)
+    px_per_mask = np.bincount(run_mask, weights=lengths, minlength=len(parts)).astype(np.int64)
+    mask_end = np.cumsum(px_per_mask)[:-1]
+    cut = np.diff(key) != 1
+    cut[mask_end[(mask_end > 0) & (mask_end < total)] - 1] = True
+    brk = np.flatnonzero(cut) + 1
+    head = np.concatenate(([0], brk))
+    run_start = key[head]
     run_end = key[np.concatenate((brk - 1, [key.size - 1]))] + 1
-    owner = mask_of_key[np.concatenate(([0], brk))]
+    owner = mask_of_key[head]
     starts, lengths = run_start - owner * n_pix, run_end - run_start
     return split_counts(starts, lengths, owner, len(parts), n_pix), (starts, lengths, owner)
+
+
+def _cut_at_row_ends(starts: np.ndarray, lengths: np.ndarray, run_mask: np.ndarray, width: int):
+    """Runs (row-major, 0-based) cut so that none crosses the end of a row."""
+    first_row, last_row = starts // width, (starts + lengths - 1) // width
+    pieces = last_row - first_row + 1
+    idx = np.repeat(np.arange(starts.size), pieces)
+    k = np.arange(idx.size) - np.repeat(np.cumsum(pieces) - pieces, pieces)   # piece number in its run
+    row = first_row[idx] + k
+    s = np.maximum(starts[idx], row * width)
+    e = np.minimum(starts[idx] + lengths[idx], (row + 1) * width)
+    return s, e - s, run_mask[idx]
 
 
 def _parse_slowly(parts: list[str], where) -> tuple[np.ndarray, np.ndarray]:
