@@ -6,7 +6,7 @@ PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.cellbench-setup
 export MAX_JOBS ?= 2
 
-.PHONY: setup setup-detectron2 test compare bench clean-venv smoke
+.PHONY: setup setup-detectron2 test compare bench sweep-smoke clean-venv smoke
 
 setup: $(STAMP)
 
@@ -41,6 +41,10 @@ compare: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.benchmarks
+
+# the study's experiments at CPU smoke scale (bench sweep; report in the sweep folder)
+sweep-smoke: $(STAMP)
+	$(BIN)/bench sweep configs/experiments/study-smoke.yaml
 
 clean-venv:
 	rm -rf $(VENV)

@@ -170,12 +170,28 @@ def validate_plan(cfg: SweepConfig, where: Path, variants: list[str], preset: st
             opts = variant_options(cfg, v, sets)
             registry.make_config(model, pre, opts)
             for j, st in enumerate(cfg.variants[v].pretrain):
+                _check_stage_data(st.data, j)
                 registry.make_config(model, pre, {**opts, **st.options})
                 cls = registry.get(model)
                 if cls.warm_start_name is None:
                     raise ConfigError(f"{model} cannot start from its own checkpoint (pretrain stage {j})")
         except ConfigError as e:
             raise ConfigError(f"{where}: variant {v}: {e}") from None
+
+
+def _check_stage_data(data: str, j: int) -> None:
+    from bench.data.synth import STYLES
+
+    if data in ("builtin", "split:train+val"):
+        return
+    if data.startswith("builtin:"):
+        if data.split(":", 1)[1] not in STYLES:
+            raise ConfigError(f"pretrain stage {j}: unknown built-in dataset {data!r} "
+                              f"(builtin, {', '.join('builtin:' + k for k in STYLES)})")
+        return
+    if data.startswith("split:") or not Path(data).exists():
+        raise ConfigError(f"pretrain stage {j}: data {data!r} is neither a dataset path that exists nor one of "
+                          "builtin, builtin:livecell, split:train+val")
 
 
 def config_hash(cfg: SweepConfig) -> str:

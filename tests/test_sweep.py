@@ -122,6 +122,8 @@ def test_resume_redoes_nothing_finished_and_adds_seeds(tmp_path, tiny_synth):
     ({"variants": {"base": {"model": "nosuchmodel"}}}, "unknown model 'nosuchmodel'"),
     ({"variants": {"bad/name": {}}}, "folder-safe"),
     ({"variants": {"base": {"pretrain": [{"data": "split:train+val", "options": {"mode": "nope"}}]}}}, "mode"),
+    ({"variants": {"base": {"pretrain": [{"data": "builtin:nope"}]}}}, "unknown built-in dataset"),
+    ({"variants": {"base": {"pretrain": [{"data": "/no/such/livecell.json"}]}}}, "neither a dataset path"),
 ])
 def test_bad_sweep_files_fail_before_training_naming_the_file(tmp_path, change, message):
     cfg = _sweep_file(tmp_path, **change)
@@ -129,6 +131,21 @@ def test_bad_sweep_files_fail_before_training_naming_the_file(tmp_path, change, 
         run_sweep(cfg, out=tmp_path / "sw", results=tmp_path / "results", echo=lambda *_: None)
     assert str(cfg) in str(e.value) or "reference" in message or "folder-safe" in message
     assert not (tmp_path / "sw").exists()
+
+
+@pytest.mark.parametrize("name", ["study.yaml", "study-smoke.yaml"])
+def test_shipped_study_sweeps_validate(name):
+    """Every variant of the shipped sweeps builds its model config (a typo would fail here, not on a GPU)."""
+    from bench.sweep import validate_plan
+
+    path = REPO / "configs" / "experiments" / name
+    cfg = load_sweep(path)
+    validate_plan(cfg, path, list(cfg.variants), None, {})
+    assert {"base", "adam-same-lr", "adam-lower-lr", "pretrain-livecell", "paper-hparams", "aug-none", "aug-extra",
+            "amp", "schedule-x0.8", "final-retrain", "model-cascade", "model-cellpose"} <= set(cfg.variants)
+    assert cfg.variants["final-retrain"].in_sample
+    with_figures = {v: x.study.value for v, x in cfg.variants.items() if x.study}
+    assert with_figures["aug-none"] == 0.210 and with_figures["paper-hparams"] == 0.298
 
 
 def test_unknown_variant_and_set_key_are_errors(tmp_path):

@@ -237,9 +237,11 @@ def sweep_plots(rows: list[dict], out: Path) -> list[Path]:
     curved = [r for r in done if r["curve"]]
     if curved:
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        for r in curved:
+        cmap = plt.get_cmap("tab20")
+        for k, r in enumerate(curved):  # 20 distinct colours, then line styles, so 17+ variants stay apart
             steps, vals = zip(*r["curve"])
-            ax.plot(steps, vals, marker="o", markersize=3, label=r["variant"])
+            ax.plot(steps, vals, marker="o", markersize=3, label=r["variant"], color=cmap(k % 20),
+                    linestyle=("-", "--", ":")[(k // 20) % 3])
         ax.set_xlabel("training step (iterations; epochs for Cellpose)")
         ax.set_ylabel("validation Kaggle mAP")
         ax.set_title("Validation curves during training (mean over seeds)")
