@@ -33,7 +33,10 @@ def sweep_cmd(config: Path = typer.Argument(..., help="Sweep file, e.g. configs/
     from bench.sweep import parse_sets, run_sweep
 
     try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()] if seeds else None
+        try:
+            seed_list = sorted({int(s) for s in seeds.split(",") if s.strip()}) if seeds else None
+        except ValueError:
+            raise ValueError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
         if data is not None and not Path(data).exists():
             raise DataError(data, "dataset path does not exist")
         sweep_dir, states = run_sweep(config, seed_list, preset, device, out, resume,
@@ -47,7 +50,11 @@ def sweep_cmd(config: Path = typer.Argument(..., help="Sweep file, e.g. configs/
     if report:
         from bench.report.sweep_report import write_sweep_report
 
-        for p in write_sweep_report(sweep_dir):
-            typer.echo(f"wrote {p}")
+        try:
+            for p in write_sweep_report(sweep_dir):
+                typer.echo(f"wrote {p}")
+        except (DataError, OSError, ValueError, KeyError) as e:  # the runs are kept; `bench report` retries
+            typer.secho(f"error writing the sweep report (runs kept in {sweep_dir}): {e}", fg=typer.colors.RED,
+                        err=True)
     typer.echo(f"sweep folder: {sweep_dir}")
     raise typer.Exit(min(sum(st["state"] == "failed" for st in states.values()), 100))

@@ -52,9 +52,11 @@ class StudyFigure(_Strict):
 class Stage(_Strict):
     """Training before the variant's own fit; the variant starts from the stage's weights.
 
-    ``data``: a dataset path, ``builtin:livecell`` (the built-in LIVECell stand-in),
-    ``builtin`` (the sweep's built-in data, its own split) or ``split:train+val`` (the
-    sweep's data, training on train and val together: the variant's scores become in-sample).
+    ``data``: a dataset path, ``builtin:livecell`` (the built-in LIVECell stand-in) or
+    ``split:train+val`` (the sweep's data, training on train and val together: the variant's
+    scores become in-sample). A stage trains with the base options (for the base model), then
+    its own ``options``; the variant's ``options`` are for the variant's own fit after the
+    stages (e.g. a lower learning rate to fine-tune).
     """
 
     data: str
@@ -92,6 +94,20 @@ class SweepConfig(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     reference: str = "base"           # the variant every other one is compared with
     variants: dict[str, Variant]
+
+    @field_validator("name")
+    @classmethod
+    def _folder_safe(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", v):
+            raise ValueError(f"sweep name {v!r} must be folder-safe (letters, digits, _.+-)")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds repeat ({v}): a repeated seed would count one run twice")
+        return v
 
     @field_validator("variants")
     @classmethod
@@ -146,6 +162,16 @@ def variant_options(cfg: SweepConfig, name: str, sets: dict[str, Any] | None = N
     return opts
 
 
+def stage_options(cfg: SweepConfig, name: str, j: int, sets: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A pretrain stage: the base options (base model only), the stage's options, then --set."""
+    v = cfg.variants[name]
+    opts = dict(cfg.base.options) if v.model in (None, cfg.base.model) else {}
+    opts.update(v.pretrain[j].options)
+    fields = registry.get(variant_model(cfg, name)).Config.model_fields
+    opts.update({k: val for k, val in (sets or {}).items() if k in fields})
+    return opts
+
+
 def variant_preset(cfg: SweepConfig, name: str, preset: str | None = None) -> str:
     return cfg.variants[name].preset or preset or cfg.base.preset
 
@@ -159,7 +185,10 @@ def validate_plan(cfg: SweepConfig, where: Path, variants: list[str], preset: st
     if sets:
         used = set()
         for v in cfg.variants:
-            used |= set(sets) & set(registry.get(variant_model(cfg, v)).Config.model_fields)
+            try:
+                used |= set(sets) & set(registry.get(variant_model(cfg, v)).Config.model_fields)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: variant {v}: {e}") from None
         if set(sets) - used:
             raise ConfigError(f"--set {sorted(set(sets) - used)}: no model of this sweep has such an option")
     for v in variants:
@@ -167,13 +196,11 @@ def validate_plan(cfg: SweepConfig, where: Path, variants: list[str], preset: st
         if pre not in registry.PRESETS:
             raise ConfigError(f"{where}: variant {v}: unknown preset {pre!r}")
         try:
-            opts = variant_options(cfg, v, sets)
-            registry.make_config(model, pre, opts)
+            registry.make_config(model, pre, variant_options(cfg, v, sets))
             for j, st in enumerate(cfg.variants[v].pretrain):
                 _check_stage_data(st.data, j)
-                registry.make_config(model, pre, {**opts, **st.options})
-                cls = registry.get(model)
-                if cls.warm_start_name is None:
+                registry.make_config(model, pre, stage_options(cfg, v, j, sets))
+                if registry.get(model).warm_start_name is None:
                     raise ConfigError(f"{model} cannot start from its own checkpoint (pretrain stage {j})")
         except ConfigError as e:
             raise ConfigError(f"{where}: variant {v}: {e}") from None
@@ -182,16 +209,17 @@ def validate_plan(cfg: SweepConfig, where: Path, variants: list[str], preset: st
 def _check_stage_data(data: str, j: int) -> None:
     from bench.data.synth import STYLES
 
-    if data in ("builtin", "split:train+val"):
+    others = [f"builtin:{k}" for k in STYLES if k != "sartorius"]
+    if data == "split:train+val":
         return
     if data.startswith("builtin:"):
-        if data.split(":", 1)[1] not in STYLES:
-            raise ConfigError(f"pretrain stage {j}: unknown built-in dataset {data!r} "
-                              f"(builtin, {', '.join('builtin:' + k for k in STYLES)})")
+        if data not in others:
+            raise ConfigError(f"pretrain stage {j}: unknown built-in dataset {data!r} ({', '.join(others)}; "
+                              "the sweep's own data is split:train+val)")
         return
     if data.startswith("split:") or not Path(data).exists():
         raise ConfigError(f"pretrain stage {j}: data {data!r} is neither a dataset path that exists nor one of "
-                          "builtin, builtin:livecell, split:train+val")
+                          f"{', '.join(others)}, split:train+val")
 
 
 def config_hash(cfg: SweepConfig) -> str:
@@ -217,32 +245,40 @@ def run_sweep(config_path: str | Path, seeds: list[int] | None = None, preset: s
     config_path = Path(config_path)
     cfg = load_sweep(config_path)
     chosen = variants or list(cfg.variants)
+    if out is None:
+        if resume:
+            found = [m.parent for m in sorted((results / "sweeps").glob(f"*/{SWEEP_FILE}"))
+                     if json.loads(m.read_text()).get("name") == cfg.name]
+            if not found:
+                raise FileNotFoundError(f"--resume: no earlier sweep {cfg.name!r} in {results / 'sweeps'}")
+            out = found[-1]
+        else:
+            out = results / "sweeps" / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.name}"
+    manifest_path = out / SWEEP_FILE
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    if manifest is not None:
+        if not resume:
+            raise FileExistsError(f"{out} already holds a sweep: use --resume to continue it or another --out")
+        # what the sweep was started with holds unless given again, and then it must agree
+        preset = preset or manifest["preset"]
+        sets = manifest["sets"] if sets is None or sets == {} else dict(sets)
+        if manifest["config_hash"] != config_hash(cfg) or manifest["sets"] != sets:
+            raise ValueError(f"{config_path} (or --set) changed since {out} was started: start a new sweep")
+        if manifest["preset"] != preset:
+            raise ValueError(f"{out}: --resume with preset {preset} but the sweep has {manifest['preset']}")
+        if data is not None and str(Path(data).resolve()) != manifest["data"]:
+            raise ValueError(f"{out}: --resume with --data {data} but the sweep runs on {manifest['data']}")
     sets = dict(sets or {})
     validate_plan(cfg, config_path, chosen, preset, sets)
     base_preset = preset or cfg.base.preset
     device = resolve_device(device)
 
-    if out is None:
-        if resume:
-            found = sorted((results / "sweeps").glob(f"*-{cfg.name}/{SWEEP_FILE}"))
-            if not found:
-                raise FileNotFoundError(f"--resume: no earlier sweep {cfg.name!r} in {results / 'sweeps'}")
-            out = found[-1].parent
-        else:
-            out = results / "sweeps" / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.name}"
-    manifest_path = out / SWEEP_FILE
-    if manifest_path.is_file():
-        if not resume:
-            raise FileExistsError(f"{out} already holds a sweep: use --resume to continue it or another --out")
-        manifest = json.loads(manifest_path.read_text())
-        if manifest["config_hash"] != config_hash(cfg) or manifest["sets"] != sets:
-            raise ValueError(f"{config_path} (or --set) changed since {out} was started: start a new sweep")
-        if manifest["preset"] != base_preset:
-            raise ValueError(f"{out}: --resume with preset {base_preset} but the sweep has {manifest['preset']}")
-        seeds = sorted(set(manifest["seeds"]) | set(seeds or []))
+    if manifest is not None:
+        # seeds added on the command line or in the file join those already run
+        seeds = sorted(set(manifest["seeds"]) | set(seeds or cfg.seeds))
         data_path = manifest["data"]
     else:
-        seeds = list(seeds or cfg.seeds)
+        seeds = sorted(set(seeds or cfg.seeds))
         data_path = data or cfg.base.data
         data_path = str(Path(data_path).resolve()) if data_path else str(
             builtin_dataset(base_preset, results / "cache").resolve())
@@ -290,14 +326,12 @@ def _run_one(cfg: SweepConfig, v: str, seed: int, out: Path, data_path: str, bas
     weights = None
     for j, st in enumerate(variant.pretrain):
         st_dir = out / "runs" / v / f"seed{seed}-pretrain{j}"
-        st_opts = {**opts, **st.options}
+        st_opts = stage_options(cfg, v, j, sets)
         if weights:
             st_opts["weights"] = weights
         kw: dict[str, Any] = {}
         if st.data == "split:train+val":
             st_data, kw = data_path, {"split_file": out / "split.json", "train_on": "train+val"}
-        elif st.data == "builtin":
-            st_data = str(builtin_dataset(base_preset, cache))
         elif st.data.startswith("builtin:"):
             st_data = str(builtin_dataset(base_preset, cache, style=st.data.split(":", 1)[1]))
         else:

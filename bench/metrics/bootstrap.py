@@ -89,7 +89,12 @@ def paired_bootstrap(a: dict[str, float], b: dict[str, float], n_resamples: int 
     w = resample_weights(len(ids), n_resamples, seed)
     means = (w @ d) / len(ids)
     lo, hi = np.quantile(means, [0.025, 0.975])
-    return PairedTest(float(d.mean()), (float(lo), float(hi)), float((means > 0).mean()), len(ids))
+    return PairedTest(float(d.mean()), (float(lo), float(hi)), _p_greater(means), len(ids))
+
+
+def _p_greater(diffs: np.ndarray) -> float:
+    """P(A beats B) over resamples; a tie counts half (identical runs give 0.5, not 0)."""
+    return float((diffs > 0).mean() + 0.5 * (diffs == 0).mean())
 
 
 def _seed_means(scores: np.ndarray, w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -133,4 +138,4 @@ def paired_seeds_images(a: np.ndarray, b: np.ndarray, n_resamples: int = N_RESAM
     rng = np.random.default_rng(seed + 1)
     diffs = _seed_means(a, w, rng) - _seed_means(b, w, rng)
     lo, hi = np.quantile(diffs, [0.025, 0.975])
-    return PairedTest(float(a.mean() - b.mean()), (float(lo), float(hi)), float((diffs > 0).mean()), a.shape[1])
+    return PairedTest(float(a.mean() - b.mean()), (float(lo), float(hi)), _p_greater(diffs), a.shape[1])

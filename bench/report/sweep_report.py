@@ -154,7 +154,10 @@ def _header(manifest: dict) -> str:
             "the same images (better / worse when the difference's 95% CI excludes 0, else not "
             "distinguishable); `(in-sample)` marks variants that trained on the validation images. "
             "The last column is the study's published validation mAP (theirs, real data, GPU schedules"
-            + (f"; {cfg['study_source']}" if cfg.get("study_source") else "") + "), not a result of this sweep.\n\n")
+            + (f"; {cfg['study_source']}" if cfg.get("study_source") else "") + "), not a result of this sweep."
+            + (" With one seed per variant the CIs and verdicts cover the sampling of validation images "
+               "only: training noise (seed to seed) is not estimated; run more seeds (--seeds) for that."
+               if len(manifest["seeds"]) < 2 else "") + "\n\n")
 
 
 def write_sweep_report(sweep_dir: Path, out: Path | None = None) -> list[Path]:

@@ -182,10 +182,15 @@ def run_benchmark(models: list[str], data: str | None = None, preset: str = "smo
             "gpu": _gpu_name(device), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "models_state": {},
         }
         atomic_write_json(out / "manifest.json", manifest)
-    for spec in specs:  # resumed runs may add models
+    for spec in specs:  # resumed runs may add models, never change one
         if spec not in manifest["models"]:
             manifest["models"].append(spec)
             manifest["configs"][spec] = configs[spec]
+        elif manifest["configs"][spec] != configs[spec]:
+            changed = sorted(k for k in set(configs[spec]) | set(manifest["configs"][spec])
+                             if configs[spec].get(k) != manifest["configs"][spec].get(k))
+            raise ValueError(f"{out}: {spec} was started with another config (differs in {changed}); "
+                             "start a new run instead of resuming")
 
     echo(f"run {out}  ({len(split['train'])} train / {len(split['val'])} val images, split {split['hash']}, "
          f"device {device})")
