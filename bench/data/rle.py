@@ -320,7 +320,7 @@ def kaggle_decode_runs(
     # mask * n_pix + x * height + y grows by `height` along the run: the keys come from one
     # repeat and one arange, with no per-pixel division.
     y0, x0 = np.divmod(starts, width)
-    if (wrap := np.flatnonzero(x0 + lengths > width)).size:
+    if (x0 + lengths > width).any():
         starts, lengths, run_mask = _cut_at_row_ends(starts, lengths, run_mask, width)
         y0, x0 = np.divmod(starts, width)
     total = int(lengths.sum())
