@@ -27,18 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.util import shared_data
+
 REPO = Path(__file__).resolve().parents[1]
 REL = Path("sartorius_gallegi_t4e") / "derived" / "val_fold0_part1_56ids_sartorius_rle.csv"
 THRESHOLDS = np.round(np.arange(0.5, 1.0, 0.05), 2)
 N_BIG = 600
-
-
-def shared_data() -> Path | None:
-    for cand in (REPO.parent / "shared" / "data", Path(os.environ.get("CELLBENCH_SHARED", "/nonexistent")),
-                 Path("/work/shared/data")):
-        if cand.is_dir():
-            return cand
-    return None
 
 
 def load_note() -> str:

@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes (finished results are never half-written)."""
+"""Small shared helpers: atomic writes (finished results are never half-written), where ../shared is."""
 
 from __future__ import annotations
 
@@ -52,3 +52,16 @@ def append_jsonl(path: str | Path, obj: Any) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(obj, default=_json_default) + "\n")
         f.flush()
+
+
+def shared_data() -> Path | None:
+    """The small real data beside the checkout (``../shared/data``, or ``$CELLBENCH_SHARED``), if present.
+
+    Tests and ``make bench`` read it when it is there and skip what needs it when not.
+    """
+    repo = Path(__file__).resolve().parents[1]
+    for cand in (repo.parent / "shared" / "data", Path(os.environ.get("CELLBENCH_SHARED", "/nonexistent")),
+                 Path("/work/shared/data")):
+        if cand.is_dir():
+            return cand
+    return None

@@ -7,18 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from bench.util import shared_data
+
 # multi-threaded torch on a loaded 2-core box is ~10x slower than single-threaded (DEVELOPERS.md)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def shared_data() -> Path | None:
-    for cand in (REPO.parent / "shared" / "data", Path(os.environ.get("CELLBENCH_SHARED", "/nonexistent")),
-                 Path("/work/shared/data")):
-        if cand.is_dir():
-            return cand
-    return None
 
 
 @pytest.fixture(scope="session")
