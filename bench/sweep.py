@@ -153,20 +153,20 @@ def variant_model(cfg: SweepConfig, name: str) -> str:
 
 
 def variant_options(cfg: SweepConfig, name: str, sets: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The base options apply to variants of the base model only (another model has other keys)."""
-    v = cfg.variants[name]
-    opts = dict(cfg.base.options) if v.model in (None, cfg.base.model) else {}
-    opts.update(v.options)
-    fields = registry.get(variant_model(cfg, name)).Config.model_fields
-    opts.update({k: val for k, val in (sets or {}).items() if k in fields})
-    return opts
+    """The variant's own fit: base options (base model only), the variant's options, then --set."""
+    return _layered_options(cfg, name, cfg.variants[name].options, sets)
 
 
 def stage_options(cfg: SweepConfig, name: str, j: int, sets: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A pretrain stage: the base options (base model only), the stage's options, then --set."""
-    v = cfg.variants[name]
-    opts = dict(cfg.base.options) if v.model in (None, cfg.base.model) else {}
-    opts.update(v.pretrain[j].options)
+    """A pretrain stage: base options (base model only), the stage's options, then --set."""
+    return _layered_options(cfg, name, cfg.variants[name].pretrain[j].options, sets)
+
+
+def _layered_options(cfg: SweepConfig, name: str, own: dict[str, Any], sets: dict[str, Any] | None) -> dict[str, Any]:
+    """The base options apply to the base model only (another model has other keys); --set
+    values apply where the model has that option."""
+    opts = dict(cfg.base.options) if cfg.variants[name].model in (None, cfg.base.model) else {}
+    opts.update(own)
     fields = registry.get(variant_model(cfg, name)).Config.model_fields
     opts.update({k: val for k, val in (sets or {}).items() if k in fields})
     return opts
