@@ -213,8 +213,7 @@ def _html(header_md: str, rows: list[dict], classes: list[str], pngs: list[Path]
                  _fmt(r["coco_AP50"]), *[_fmt(r["per_class"].get(c)) for c in classes], r.get("vs_best", ""),
                  _fmt(r["train_s"], 1), _fmt(r["infer_ms"], 1), _fmt(r["peak_rss_mb"], 0)]
         trs.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
-    imgs = "".join(f"<h3>{html.escape(p.stem)}</h3><img alt='{html.escape(p.stem)}' src='data:image/png;base64,"
-                   f"{base64.b64encode(p.read_bytes()).decode()}'/>" for p in pngs)
+    imgs = embedded_pngs(pngs)
     intro = "".join(f"<p>{html.escape(line)}</p>" for line in header_md.splitlines()[1:] if line.strip())
     return ("<!doctype html><html><head><meta charset='utf-8'><title>cellbench leaderboard</title><style>"
             "body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse}"
@@ -223,3 +222,11 @@ def _html(header_md: str, rows: list[dict], classes: list[str], pngs: list[Path]
             "<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>" + "".join(trs) +
             "</table>" + imgs + "</body></html>")
 
+
+
+def embedded_pngs(pngs: list[Path]) -> str:
+    """PNG files as inline <img> elements with a heading each: the html report stays one file."""
+    import html
+
+    return "".join(f"<h3>{html.escape(p.stem)}</h3><img alt='{html.escape(p.stem)}' src='data:image/png;base64,"
+                   f"{base64.b64encode(p.read_bytes()).decode()}'/>" for p in pngs)

@@ -85,19 +85,31 @@ def per_class_bars(done: list[dict], path: Path) -> Path:
 
 
 def accuracy_vs_speed(done: list[dict], path: Path) -> Path:
+    points = [(r["model"], r["infer_ms"], r["kaggle_map"], r["kaggle_map_ci95"]) for r in done
+              if r["infer_ms"] is not None]
+    return speed_accuracy_points(points, path, f"inference ms / image (after warm-up, device {done[0].get('device')})",
+                                 "Accuracy vs inference speed")
+
+
+def speed_accuracy_points(points: list[tuple[str, float, float, tuple[float, float]]], path: Path, xlabel: str,
+                          title: str) -> Path:
+    """(label, ms per image, Kaggle mAP, its CI) per point, log time axis. A few points are
+    labelled in place; many (a sweep's variants crowd at the same speed) get a legend instead."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in done:
-        if r["infer_ms"] is None:
-            continue
-        ci = r["kaggle_map_ci95"]
-        ax.errorbar(r["infer_ms"], r["kaggle_map"], yerr=[[r["kaggle_map"] - ci[0]], [ci[1] - r["kaggle_map"]]],
-                    fmt="o", capsize=4)
-        ax.annotate(r["model"], (r["infer_ms"], r["kaggle_map"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    many = len(points) > 8
+    fig, ax = plt.subplots(figsize=(8.5, 4.2) if many else (6, 4))
+    cmap = plt.get_cmap("tab20")
+    for k, (label, ms, value, ci) in enumerate(points):
+        ax.errorbar(ms, value, yerr=[[value - ci[0]], [ci[1] - value]], fmt="o", capsize=4, color=cmap(k % 20),
+                    label=label)
+        if not many:
+            ax.annotate(label, (ms, value), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    if many:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_xscale("log")
-    ax.set_xlabel(f"inference ms / image (after warm-up, device {done[0].get('device')})")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("Kaggle mAP")
-    ax.set_title("Accuracy vs inference speed")
+    ax.set_title(title)
     return _save(fig, path)
 
 

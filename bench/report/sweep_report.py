@@ -13,7 +13,6 @@ training, ours from whatever this sweep ran on.
 
 from __future__ import annotations
 
-import base64
 import csv
 import io
 import json
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.metrics.bootstrap import paired_seeds_images, seeds_images_ci
+from bench.report.leaderboard import _mean, embedded_pngs
 from bench.util import atomic_write_text
 
 COLUMNS = ["variant", "model", "seeds", "kaggle_map", "ci95_low", "ci95_high", "coco_AP", "diff_vs_ref",
@@ -98,11 +98,6 @@ def summarise(manifest: dict, recs: list[dict], n_resamples: int = 2000) -> list
 def _state(r: dict) -> str:
     states = set(r["states"])
     return states.pop() if len(states) == 1 else ", ".join(f"{s}" for s in r["states"])
-
-
-def _mean(vals) -> float | None:
-    v = [x for x in vals if x is not None]
-    return float(np.mean(v)) if v else None
 
 
 def _mean_curve(r: dict) -> list[tuple[int, float]]:
@@ -197,8 +192,7 @@ def _html(header: str, table_md: str, pngs: list[Path]) -> str:
     lines = table_md.splitlines()
     table = "<table>" + row(lines[0], "th") + "".join(row(x, "td") for x in lines[2:]) + "</table>"
     intro = "".join(f"<p>{html.escape(x)}</p>" for x in header.splitlines()[1:] if x.strip())
-    imgs = "".join(f"<h3>{html.escape(p.stem)}</h3><img alt='{html.escape(p.stem)}' src='data:image/png;base64,"
-                   f"{base64.b64encode(p.read_bytes()).decode()}'/>" for p in pngs)
+    imgs = embedded_pngs(pngs)
     return ("<!doctype html><html><head><meta charset='utf-8'><title>cellbench sweep</title><style>"
             "body{font-family:sans-serif;max-width:1300px;margin:2em auto}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:4px 8px}img{max-width:100%}</style></head><body>"
@@ -211,7 +205,7 @@ def _html(header: str, table_md: str, pngs: list[Path]) -> str:
 # ---------------------------------------------------------------------------
 
 def sweep_plots(rows: list[dict], out: Path) -> list[Path]:
-    from bench.report.plots import _plt, _save
+    from bench.report.plots import _plt, _save, speed_accuracy_points
 
     done = [r for r in rows if "kaggle_map" in r]
     if not done:
@@ -226,15 +220,19 @@ def sweep_plots(rows: list[dict], out: Path) -> list[Path]:
     hi = np.array([r["ci95"][1] for r in done]) - m
     colors = [{"better": "#55A868", "worse": "#C44E52", "reference": "#4C72B0"}.get(
         r.get("verdict", "").split(" (")[0], "#8C8C8C") for r in done]
-    ax.bar(x, m, yerr=[lo, hi], capsize=4, color=colors)
+    bars = ax.bar(x, m, yerr=[lo, hi], capsize=4, color=colors)
+    ax.scatter(x, m, color=colors, edgecolor="k", linewidth=0.5, s=22, zorder=3)  # a score of 0 stays visible
+    for bar, r in zip(bars, done):
+        if r["in_sample"]:
+            bar.set_hatch("//")
     study = [r["study_value"] if r["study_value"] is not None else np.nan for r in done]
     if np.isfinite(study).any():
         ax.plot(x, study, "k_", markersize=14, mew=2, label="the study's figure (theirs)")
         ax.legend(loc="upper right", fontsize=8)
     ax.set_xticks(x, [r["variant"] for r in done], rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("Kaggle mAP (95% CI: seeds x images)")
-    ax.set_title("Variants (green: better than the reference, red: worse, grey: not distinguishable)",
-                 fontsize=9)
+    ax.set_title("Variants (green: better than the reference, red: worse, grey: not distinguishable; "
+                 "hatched: trained on the validation images)", fontsize=9)
     paths.append(_save(fig, out / "sweep_variants.png"))
 
     curved = [r for r in done if r["curve"]]
@@ -251,18 +249,9 @@ def sweep_plots(rows: list[dict], out: Path) -> list[Path]:
         ax.legend(fontsize=7, ncol=2)
         paths.append(_save(fig, out / "sweep_val_curves.png"))
 
-    timed = [r for r in done if r.get("infer_ms_per_image")]
+    timed = [(r["variant"], r["infer_ms_per_image"], r["kaggle_map"], r["ci95"]) for r in done
+             if r.get("infer_ms_per_image")]
     if timed:
-        fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        for r in timed:
-            ax.errorbar(r["infer_ms_per_image"], r["kaggle_map"],
-                        yerr=[[r["kaggle_map"] - r["ci95"][0]], [r["ci95"][1] - r["kaggle_map"]]], fmt="o",
-                        capsize=3)
-            ax.annotate(r["variant"], (r["infer_ms_per_image"], r["kaggle_map"]), fontsize=7,
-                        xytext=(4, 2), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_xlabel("inference ms per image (log)")
-        ax.set_ylabel("Kaggle mAP")
-        ax.set_title("Speed vs accuracy")
-        paths.append(_save(fig, out / "sweep_speed_accuracy.png"))
+        paths.append(speed_accuracy_points(timed, out / "sweep_speed_accuracy.png",
+                                           "inference ms per image (log)", "Speed vs accuracy"))
     return paths
