@@ -83,7 +83,7 @@ class FitContext:
 
     def validation_due(self, step: int, total: int) -> bool:
         """Every ``eval_every`` steps and at the last one, when there is a validation split."""
-        return bool(self.eval_every and self.val and (step % self.eval_every == 0 or step == total))
+        return self.curve_wanted and (step % self.eval_every == 0 or step == total)
 
     def validate(self, step: int, predict: PredictFn) -> float:
         """Kaggle mAP of ``predict`` on the validation split, logged as one curve point.
