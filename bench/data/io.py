@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable
@@ -26,11 +27,10 @@ SARTORIUS_REQUIRED = ("id", "annotation", "width", "height", "cell_type")
 SARTORIUS_OPTIONAL = ("plate_time", "sample_date", "sample_id", "elapsed_timedelta")
 
 
-def read_image(path: str | Path, expect_hw: tuple[int, int] | None = None) -> np.ndarray:
-    """Read a PNG/TIF/JPG as an H x W (grayscale) or H x W x 3 array, uint8 or uint16."""
-    path = Path(path)
+def _read_pixels(path: Path, keep_palette: bool = False) -> np.ndarray:
+    """The file's pixels as stored (any dtype), DataError naming the file if it cannot be decoded."""
     if not path.is_file():
-        raise DataError(path, "image file is missing")
+        raise DataError(path, "image file is missing" if not path.exists() else "not a file")
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
@@ -41,7 +41,7 @@ def read_image(path: str | Path, expect_hw: tuple[int, int] | None = None) -> np
 
             with Image.open(path) as im:
                 im.load()
-                if im.mode in ("P", "LA", "PA", "CMYK", "YCbCr", "HSV"):
+                if im.mode in ("LA", "PA", "CMYK", "YCbCr", "HSV") or (im.mode == "P" and not keep_palette):
                     im = im.convert("RGBA" if "A" in im.mode else "RGB")
                 img = np.asarray(im)
     except DataError:
@@ -53,19 +53,77 @@ def read_image(path: str | Path, expect_hw: tuple[int, int] | None = None) -> np
         img = img[..., :3]
     if img.ndim == 3 and img.shape[-1] == 1:
         img = img[..., 0]
-    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[-1] != 3):
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[-1] != 3) or 0 in img.shape:
         raise DataError(path, f"unsupported image shape {img.shape} (want H x W or H x W x 3)")
+    return img
+
+
+def _check_size(path: Path, img: np.ndarray, expect_hw: tuple[int, int] | None) -> None:
+    if expect_hw is not None and tuple(img.shape[:2]) != tuple(expect_hw):
+        raise DataError(path, f"image is {img.shape[1]}x{img.shape[0]} (WxH) but its annotations say "
+                              f"{expect_hw[1]}x{expect_hw[0]}")
+
+
+def read_image(path: str | Path, expect_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a PNG/TIF/JPG as an H x W (grayscale) or H x W x 3 array, uint8 or uint16.
+
+    A float image (a microscope TIFF) is rescaled to 0-255: right for intensities, never for
+    labels (see :func:`read_label_image`).
+    """
+    path = Path(path)
+    img = _read_pixels(path)
     if img.dtype == bool:
         img = img.astype(np.uint8) * 255
     if img.dtype not in (np.uint8, np.uint16):
         if np.issubdtype(img.dtype, np.floating):
-            lo, hi = float(np.nanmin(img)), float(np.nanmax(img))
+            if not np.isfinite(img).all():
+                raise DataError(path, "image has NaN or infinite pixel values")
+            lo, hi = float(img.min()), float(img.max())
             img = ((img - lo) / (hi - lo + 1e-12) * 255).astype(np.uint8)
-        else:
+        elif np.issubdtype(img.dtype, np.integer):
             img = np.clip(img, 0, 65535).astype(np.uint16)
-    if expect_hw is not None and tuple(img.shape[:2]) != tuple(expect_hw):
-        raise DataError(path, f"image is {img.shape[1]}x{img.shape[0]} (WxH) but its annotations say "
-                              f"{expect_hw[1]}x{expect_hw[0]}")
+        else:
+            raise DataError(path, f"unsupported pixel type {img.dtype}")
+    _check_size(path, img, expect_hw)
+    return img
+
+
+def read_label_image(path: str | Path, expect_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """A label image (0 = background, 1..N one per cell) as int64, never rescaled.
+
+    Labels must be integers: a float image whose values are all whole numbers (a float32 TIFF
+    written by some tools) is converted with a warning; anything else (fractions, NaN,
+    negative labels, colour) is refused naming the file. Rescaling would merge hundreds of
+    labels into 255 and score the merged cells without complaint.
+    """
+    path = Path(path)
+    img = _read_pixels(path, keep_palette=True)
+    if img.ndim != 2:
+        raise DataError(path, f"label image must be single-channel (it has shape {img.shape})")
+    if img.dtype == bool:
+        img = img.astype(np.int64)
+    elif np.issubdtype(img.dtype, np.floating):
+        if not np.isfinite(img).all():
+            raise DataError(path, f"label image ({img.dtype}) has NaN or infinite values")
+        frac = img != np.round(img)
+        if frac.any():
+            y, x = np.argwhere(frac)[0]
+            raise DataError(path, f"label image is {img.dtype} with non-integer values (e.g. {img[y, x]!r} at "
+                                  f"x={x}, y={y}): labels must be integers")
+        if img.max() > 2 ** 53:
+            raise DataError(path, f"label image ({img.dtype}) has labels too large to be exact ({img.max():g})")
+        warnings.warn(f"{path}: {img.dtype} label image with whole-number values converted to integer labels",
+                      stacklevel=2)
+        img = img.astype(np.int64)
+    elif np.issubdtype(img.dtype, np.integer):
+        if img.dtype == np.uint64 and img.max() > np.iinfo(np.int64).max:
+            raise DataError(path, "label image has labels too large for int64")
+        img = img.astype(np.int64)
+    else:
+        raise DataError(path, f"unsupported label pixel type {img.dtype}")
+    if img.min() < 0:
+        raise DataError(path, f"label image has negative labels (min {img.min()})")
+    _check_size(path, img, expect_hw)
     return img
 
 
@@ -94,25 +152,9 @@ class RowNames:
         return len(self.lines)
 
 
-def read_sartorius(path: str | Path, image_dir: str | Path | None = None,
-                   classes: list[str] | None = None, require_images: bool = True) -> Dataset:
-    """A Kaggle Sartorius folder (``train.csv`` + ``train/<id>.png``) or the csv itself.
-
-    Rows of one id become one sample; masks keep their csv order and may overlap
-    (the real annotations do): they are never flattened into a label image.
-    ``require_images=False`` reads annotation-only sets (the metric's ground truth).
-    """
-    path = Path(path)
-    csv_path = path / "train.csv" if path.is_dir() else path
-    if not csv_path.is_file():
-        raise DataError(csv_path, "annotation csv not found")
-    root = csv_path.parent
-    image_dir = Path(image_dir) if image_dir else root / "train"
-    classes = list(classes or SARTORIUS_CLASSES)
-    cls_index = {c: i for i, c in enumerate(classes)}
-
-    groups: "OrderedDict[str, dict]" = OrderedDict()
-    with open(csv_path, newline="") as f:
+def _read_sartorius_rows(csv_path: Path, groups: dict, cls_index: dict, classes: list[str]) -> None:
+    """Group the csv's rows by image id (the header may carry a UTF-8 BOM; CRLF or LF lines)."""
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)  # plain reader: DictReader's per-row dicts were a third of read time
         header = [h.strip() for h in next(reader, [])]
         missing = [c for c in ("id", "annotation", "width", "height") if c not in header]
@@ -156,6 +198,32 @@ def read_sartorius(path: str | Path, image_dir: str | Path | None = None,
             g["ann"].append(row[i_ann])
             g["lines"].append(line_no)
 
+
+def read_sartorius(path: str | Path, image_dir: str | Path | None = None,
+                   classes: list[str] | None = None, require_images: bool = True) -> Dataset:
+    """A Kaggle Sartorius folder (``train.csv`` + ``train/<id>.png``) or the csv itself.
+
+    Rows of one id become one sample; masks keep their csv order and may overlap
+    (the real annotations do): they are never flattened into a label image.
+    ``require_images=False`` reads annotation-only sets (the metric's ground truth).
+    """
+    path = Path(path)
+    csv_path = path / "train.csv" if path.is_dir() else path
+    if not csv_path.is_file():
+        raise DataError(csv_path, "annotation csv not found")
+    root = csv_path.parent
+    image_dir = Path(image_dir) if image_dir else root / "train"
+    classes = list(classes or SARTORIUS_CLASSES)
+    cls_index = {c: i for i, c in enumerate(classes)}
+
+    groups: "OrderedDict[str, dict]" = OrderedDict()
+    try:
+        _read_sartorius_rows(csv_path, groups, cls_index, classes)
+    except UnicodeDecodeError as e:
+        raise DataError(csv_path, f"not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:
+        raise DataError(csv_path, f"not a readable csv ({e})") from None
+
     samples = []
     for iid, g in groups.items():
         counts, runs = rle.kaggle_decode_runs(g["ann"], g["h"], g["w"], RowNames(csv_path, g["lines"]))
@@ -197,43 +265,127 @@ def livecell_group(file_name: str) -> str | None:
     return f"{m['cell']}_{m['well']}" if m else None
 
 
-def read_coco(json_path: str | Path, image_dir: str | Path | None = None, require_images: bool = True) -> Dataset:
-    """COCO instance json (LIVECell, the shared Sartorius json): polygons and RLE, overlap kept."""
-    json_path = Path(json_path)
+def read_json(path: Path, what: str):
+    """A JSON file (a UTF-8 BOM is tolerated), DataError naming it if missing or not JSON."""
     try:
-        data = json.loads(json_path.read_text())
+        text = path.read_bytes().decode("utf-8-sig")
     except FileNotFoundError:
-        raise DataError(json_path, "annotation json not found") from None
+        raise DataError(path, f"{what} not found") from None
+    except IsADirectoryError:
+        raise DataError(path, f"{what} is a folder, not a file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(json_path, f"not valid JSON ({e})") from None
+        raise DataError(path, f"not valid JSON ({e})") from None
+    except RecursionError:
+        raise DataError(path, "not valid JSON (nested too deeply)") from None
+
+
+def is_int(v) -> bool:
+    """A JSON integer (``True`` is not one, ``520.0`` is)."""
+    if isinstance(v, bool):
+        return False
+    return isinstance(v, (int, np.integer)) or (isinstance(v, float) and v.is_integer())
+
+
+def _coco_id(v) -> bool:
+    return (isinstance(v, (int, str)) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
+
+
+def _check_coco(json_path: Path, data) -> None:
+    """Every field read_coco uses: present and of the right type, else DataError naming the entry."""
+    if not isinstance(data, dict):
+        raise DataError(json_path, f"not a COCO instance file: the top level is a {type(data).__name__}, "
+                                   "not an object")
     for key in ("images", "annotations", "categories"):
         if key not in data:
             raise DataError(json_path, f"not a COCO instance file: no '{key}'")
+        if not isinstance(data[key], list):
+            raise DataError(json_path, f"'{key}' is a {type(data[key]).__name__}, not a list")
+    for k, c in enumerate(data["categories"]):
+        where = f"{json_path}: category #{k}"
+        if not isinstance(c, dict):
+            raise DataError(where, f"is a {type(c).__name__}, not an object")
+        if "id" not in c:
+            raise DataError(where, "has no 'id'")
+        if not is_int(c["id"]):
+            raise DataError(where, f"id {c['id']!r} is not an integer")
+        if not isinstance(c.get("name"), str) or not c["name"].strip():
+            raise DataError(f"{where} (id {c['id']})", f"name {c.get('name')!r} is not a non-empty string")
+    for k, im in enumerate(data["images"]):
+        where = f"{json_path}: image #{k}"
+        if not isinstance(im, dict):
+            raise DataError(where, f"is a {type(im).__name__}, not an object")
+        if "id" not in im:
+            raise DataError(where, "has no 'id'")
+        if not _coco_id(im["id"]):
+            raise DataError(where, f"id {im['id']!r} is not an integer or string")
+        where = f"{where} (id {im['id']!r})"
+        for f in ("height", "width"):
+            if f not in im:
+                raise DataError(where, f"has no '{f}'")
+            if not is_int(im[f]) or im[f] <= 0:
+                raise DataError(where, f"{f} {im[f]!r} is not a positive integer")
+        if "file_name" in im and (not isinstance(im["file_name"], str) or not im["file_name"].strip()):
+            raise DataError(where, f"file_name {im['file_name']!r} is not a non-empty string")
+    for k, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict):
+            raise DataError(f"{json_path}: annotation #{k}", f"is a {type(ann).__name__}, not an object")
+        where = f"{json_path}: annotation #{k} (id {ann.get('id')!r})"
+        for f in ("image_id", "category_id", "segmentation"):
+            if f not in ann:
+                raise DataError(where, f"has no '{f}'")
+        if not _coco_id(ann["image_id"]):
+            raise DataError(where, f"image_id {ann['image_id']!r} is not an integer or string")
+        if not is_int(ann["category_id"]):
+            raise DataError(where, f"category_id {ann['category_id']!r} is not an integer")
+
+
+def _key(v):
+    """Ids as dict keys: 7 and 7.0 are one id."""
+    return int(v) if isinstance(v, float) else v
+
+
+def read_coco(json_path: str | Path, image_dir: str | Path | None = None, require_images: bool = True) -> Dataset:
+    """COCO instance json (LIVECell, the shared Sartorius json): polygons and RLE, overlap kept.
+
+    Every field used is checked (present, right type); polygons must have an even number of
+    coordinates, at least 3 points and lie inside the image (1 pixel tolerance).
+    """
+    json_path = Path(json_path)
+    data = read_json(json_path, "annotation json")
+    _check_coco(json_path, data)
     image_dir = Path(image_dir) if image_dir else json_path.parent / "images"
-    cats = sorted(data["categories"], key=lambda c: c["id"])
+    cats = sorted(data["categories"], key=lambda c: int(c["id"]))
+    cat_index: dict[int, int] = {}
+    for c in cats:
+        if int(c["id"]) in cat_index:
+            raise DataError(json_path, f"duplicate category id {c['id']!r}")
+        cat_index[int(c["id"])] = len(cat_index)
     classes = [c["name"] for c in cats]
-    cat_index = {c["id"]: i for i, c in enumerate(cats)}
     images: "OrderedDict[object, dict]" = OrderedDict()
     for im in data["images"]:
-        if im["id"] in images:
+        if _key(im["id"]) in images:
             raise DataError(json_path, f"duplicate image id {im['id']!r}")
-        images[im["id"]] = {"im": im, "counts": [], "cls": []}
+        images[_key(im["id"])] = {"im": im, "counts": [], "cls": []}
     for k, ann in enumerate(data["annotations"]):
-        where = f"{json_path}: annotation #{k} (id {ann.get('id')})"
-        g = images.get(ann.get("image_id"))
+        where = f"{json_path}: annotation #{k} (id {ann.get('id')!r})"
+        g = images.get(_key(ann["image_id"]))
         if g is None:
-            raise DataError(where, f"refers to unknown image_id {ann.get('image_id')!r}")
-        if ann.get("category_id") not in cat_index:
-            raise DataError(where, f"unknown category_id {ann.get('category_id')!r}")
+            raise DataError(where, f"refers to unknown image_id {ann['image_id']!r}")
+        if int(ann["category_id"]) not in cat_index:
+            raise DataError(where, f"unknown category_id {ann['category_id']!r}")
         h, w = int(g["im"]["height"]), int(g["im"]["width"])
         try:
-            counts = rle.from_coco_segmentation(ann.get("segmentation"), h, w)
-        except ValueError as e:
+            counts = rle.from_coco_segmentation(ann["segmentation"], h, w)
+        except (ValueError, TypeError) as e:
             raise DataError(where, str(e)) from None
         if rle.area(counts) == 0:
             raise DataError(where, "empty mask")
         g["counts"].append(counts)
-        g["cls"].append(cat_index[ann["category_id"]])
+        g["cls"].append(cat_index[int(ann["category_id"])])
     samples = []
     for iid, g in images.items():
         im = g["im"]
@@ -269,10 +421,8 @@ def read_label_folder(folder: str | Path, class_name: str = "cell") -> Dataset:
         ipath = find_image(folder, stem)
         if ipath is None:
             raise DataError(mpath, f"label image has no matching image {stem}.png|tif")
-        labels = read_image(mpath)
-        if labels.ndim != 2:
-            raise DataError(mpath, "label image must be single-channel")
-        inst = Instances.from_label_image(labels.astype(np.int64), cls_id=0)
+        labels = read_label_image(mpath)
+        inst = Instances.from_label_image(labels, cls_id=0)
         samples.append(Sample(stem, inst, ipath, {"group": stem, "cell_type": class_name, "source": str(mpath)}))
     if not samples:
         raise DataError(folder, "no '<name>_masks.png|tif' label images found")

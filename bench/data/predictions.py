@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -37,17 +38,55 @@ def encode_record(image_id: str, inst: Instances) -> dict:
             "classes": inst.classes.astype(int).tolist()}
 
 
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def decode_record(rec: dict, where: str) -> tuple[str, Instances]:
-    try:
-        h, w = int(rec["height"]), int(rec["width"])
-        counts = [rle.string_to_counts(c) for c in rec["counts"]]
-        for k, c in enumerate(counts):
-            if int(c.astype(np.int64).sum()) != h * w:
-                raise ValueError(f"mask {k} covers {int(c.sum())} pixels, image has {h * w}")
-        scores = np.asarray(rec.get("scores") or np.ones(len(counts)), dtype=float)
-        return str(rec["image_id"]), Instances(h, w, counts, np.asarray(rec.get("classes") or [-1] * len(counts)), scores)
-    except (KeyError, ValueError, TypeError) as e:
-        raise DataError(where, f"bad prediction record ({type(e).__name__}: {e})") from None
+    """One line of a cellbench predictions file; every field checked, DataError naming ``where``."""
+    def bad(problem: str):
+        raise DataError(where, f"bad prediction record: {problem}")
+
+    if not isinstance(rec, dict):
+        bad(f"a {type(rec).__name__}, not an object")
+    for f in ("image_id", "height", "width", "counts"):
+        if f not in rec:
+            bad(f"no '{f}'")
+    iid, h, w, strings = rec["image_id"], rec["height"], rec["width"], rec["counts"]
+    if not (isinstance(iid, str) or _int(iid)) or str(iid).strip() == "":
+        bad(f"image_id {iid!r} is not a non-empty string or an integer")
+    if not (_int(h) and _int(w) and h > 0 and w > 0):
+        bad(f"height/width {h!r}x{w!r} are not positive integers")
+    if not isinstance(strings, list) or not all(isinstance(c, str) for c in strings):
+        bad("'counts' is not a list of COCO RLE strings")
+    n = len(strings)
+    scores, classes = rec.get("scores"), rec.get("classes")
+    if scores is None or (scores == [] and n):
+        scores = [1.0] * n
+    if classes is None or (classes == [] and n):
+        classes = [-1] * n
+    if not isinstance(scores, list) or not all(_num(x) for x in scores):
+        bad("'scores' is not a list of numbers")
+    if not isinstance(classes, list) or not all(_int(x) and x >= -1 for x in classes):
+        bad("'classes' is not a list of class indices (integers >= -1)")
+    if len(scores) != n or len(classes) != n:
+        bad(f"{n} masks but {len(scores)} scores and {len(classes)} classes")
+    if not all(np.isfinite(x) for x in scores):
+        bad("a score is NaN or infinite")
+    counts = []
+    for k, c in enumerate(strings):
+        try:
+            cc = rle.string_to_counts(c)
+        except ValueError as e:
+            bad(f"mask {k}: {e}")
+        if int(cc.astype(np.int64).sum()) != h * w:
+            bad(f"mask {k} covers {int(cc.astype(np.int64).sum())} pixels, image has {h * w}")
+        counts.append(cc)
+    return str(iid), Instances(h, w, counts, np.asarray(classes, dtype=np.int64), np.asarray(scores, dtype=float))
 
 
 def write_predictions(path: str | Path, preds: dict[str, Instances], classes: list[str], meta: dict | None = None) -> None:
@@ -60,31 +99,59 @@ def write_predictions(path: str | Path, preds: dict[str, Instances], classes: li
     atomic_write_bytes(path, data)
 
 
+def _read_text(path: Path, what: str) -> str:
+    """A text file, gzip-compressed if it ends in .gz; a UTF-8 BOM is dropped. DataError naming
+    the file for a missing, truncated or corrupt file (gzip's EOFError used to end in 'Aborted.')."""
+    try:
+        raw = path.read_bytes()
+        if path.suffix == ".gz":
+            raw = gzip.decompress(raw)
+        return raw.decode("utf-8-sig")
+    except IsADirectoryError:
+        raise DataError(path, f"{what} is a folder, not a file") from None
+    except FileNotFoundError:
+        raise DataError(path, f"{what} not found") from None
+    except EOFError:
+        raise DataError(path, f"{what} is truncated (the gzip stream ends early)") from None
+    except (gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(path, f"{what} is not a valid gzip file ({e})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"{what} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise DataError(path, f"cannot read {what} ({e.strerror or e})") from None
+
+
 def read_predictions(path: str | Path) -> tuple[dict[str, Instances], dict]:
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt") as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise DataError(path, f"cannot read predictions ({e})") from None
+    return _parse_predictions(path, _read_text(path, "predictions file"))
+
+
+def _parse_predictions(path: Path, text: str) -> tuple[dict[str, Instances], dict]:
+    lines = text.splitlines()
     if not lines:
         raise DataError(path, "empty predictions file")
     try:
         header = json.loads(lines[0])
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise DataError(f"{path}:1", "not a cellbench predictions file (header is not JSON)") from None
-    if header.get("format") != FORMAT:
-        raise DataError(f"{path}:1", f"not a cellbench predictions file (format {header.get('format')!r})")
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        fmt = header.get("format") if isinstance(header, dict) else header
+        raise DataError(f"{path}:1", f"not a cellbench predictions file (format {fmt!r})")
+    classes = header.get("classes")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise DataError(f"{path}:1", f"'classes' {classes!r} is not a list of names")
     out: dict[str, Instances] = {}
     for n, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             raise DataError(f"{path}:{n}", f"not JSON ({e})") from None
         iid, inst = decode_record(rec, f"{path}:{n}")
+        if classes is not None and len(inst) and inst.classes.max() >= len(classes):
+            raise DataError(f"{path}:{n}", f"class index {int(inst.classes.max())} but the header lists "
+                                           f"{len(classes)} classes")
         if iid in out:
             raise DataError(f"{path}:{n}", f"duplicate image id {iid}")
         out[iid] = inst
@@ -120,11 +187,24 @@ def read_submission(path: str | Path, sizes: dict[str, tuple[int, int]], classes
                     ) -> dict[str, Instances]:
     """Kaggle submission csv (``id,predicted`` [,``score``, ``cell_type``]). Sizes come from the
     ground truth (the competition's images are all 520x704); unknown ids are an error."""
+    path = Path(path)
+    try:
+        return _read_submission(path, sizes, classes)
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:
+        raise DataError(path, f"not a readable csv ({e})") from None
+    except IsADirectoryError:
+        raise DataError(path, "is a folder, not a csv file") from None
+    except FileNotFoundError:
+        raise DataError(path, "submission csv not found") from None
+
+
+def _read_submission(path: Path, sizes: dict[str, tuple[int, int]], classes: list[str] | None) -> dict[str, Instances]:
     from bench.data.io import RowNames
 
-    path = Path(path)
     rows: dict[str, list] = {}
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = [h.strip() for h in next(reader, [])]
         if "id" not in header or "predicted" not in header:
@@ -156,11 +236,13 @@ def read_submission(path: str | Path, sizes: dict[str, tuple[int, int]], classes
         h, w = sizes[iid]
         where = RowNames(path, lines)
         counts, runs = rle.kaggle_decode_runs(anns, h, w, where) if anns else ([], None)
-        try:
-            scores = np.array([float(x) if x != "" else 1.0 for x in sc]) if sc else np.ones(len(anns))
-        except ValueError:
-            bad = next(k for k, x in enumerate(sc) if not _is_float(x))
-            raise DataError(where[bad], f"score {sc[bad]!r} is not a number") from None
+        bad = next((k for k, x in enumerate(sc) if x.strip() != "" and not _is_float(x)), None)
+        if bad is not None:
+            raise DataError(where[bad], f"score {sc[bad]!r} is not a finite number")
+        scores = np.array([float(x) if x.strip() != "" else 1.0 for x in sc]) if sc else np.ones(len(anns))
+        unknown = next((k for k, x in enumerate(ct) if x.strip() and x.strip() not in cls_index), None)
+        if unknown is not None:
+            raise DataError(where[unknown], f"unknown cell_type {ct[unknown]!r} (known: {list(classes or [])})")
         cl = np.array([cls_index.get(x.strip(), -1) for x in ct], dtype=np.int64) if ct else np.full(len(anns), -1)
         out[iid] = Instances(h, w, counts, cl, scores, _runs=runs)
     return out
@@ -168,8 +250,7 @@ def read_submission(path: str | Path, sizes: dict[str, tuple[int, int]], classes
 
 def _is_float(x: str) -> bool:
     try:
-        float(x)
-        return True
+        return bool(np.isfinite(float(x)))
     except ValueError:
         return False
 
@@ -177,26 +258,45 @@ def _is_float(x: str) -> bool:
 def read_coco_results(path: str | Path, id_map: dict, sizes: dict[str, tuple[int, int]]) -> dict[str, Instances]:
     """COCO results json (list of {image_id, category_id, segmentation, score}).
 
-    ``id_map`` maps the json's image_id (COCO int or string) to cellbench ids."""
+    ``id_map`` maps the json's image_id (COCO int or string) to cellbench ids. Every entry is
+    checked: an object with a known image_id, a valid segmentation, a finite score and an
+    integer category_id, else DataError naming the file and the entry."""
     path = Path(path)
+    return _parse_coco_results(path, _read_text(path, "COCO results file"), id_map, sizes)
+
+
+def _parse_coco_results(path: Path, text: str, id_map: dict, sizes: dict[str, tuple[int, int]]
+                        ) -> dict[str, Instances]:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(path, f"cannot read COCO results ({e})") from None
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise DataError(path, f"cannot read COCO results (not valid JSON: {e})") from None
     if not isinstance(data, list):
         raise DataError(path, "COCO results must be a JSON list")
     acc: dict[str, list] = {}
     for k, d in enumerate(data):
         where = f"{path}: result #{k}"
-        iid = id_map.get(d.get("image_id"), id_map.get(str(d.get("image_id"))))
+        if not isinstance(d, dict):
+            raise DataError(where, f"is a {type(d).__name__}, not an object")
+        raw_id = d.get("image_id")
+        if not ((isinstance(raw_id, (int, str)) and not isinstance(raw_id, bool))):
+            raise DataError(where, f"image_id {raw_id!r} is not an integer or string")
+        iid = id_map.get(raw_id, id_map.get(str(raw_id)))
         if iid is None:
-            raise DataError(where, f"image_id {d.get('image_id')!r} is not in the ground truth")
+            raise DataError(where, f"image_id {raw_id!r} is not in the ground truth")
+        score, cat = d.get("score", 1.0), d.get("category_id", 0)
+        if not _num(score) or not np.isfinite(score):
+            raise DataError(where, f"score {score!r} is not a finite number")
+        if not _int(cat):
+            raise DataError(where, f"category_id {cat!r} is not an integer")
+        if "segmentation" not in d:
+            raise DataError(where, "has no 'segmentation'")
         h, w = sizes[iid]
         try:
             c = rle.from_coco_segmentation(d["segmentation"], h, w)
-        except (KeyError, ValueError) as e:
+        except (ValueError, TypeError) as e:
             raise DataError(where, str(e)) from None
-        acc.setdefault(iid, []).append((c, float(d.get("score", 1.0)), int(d.get("category_id", 0)) - 1))
+        acc.setdefault(iid, []).append((c, float(score), int(cat) - 1))
     return {i: Instances(*sizes[i], [x[0] for x in v], np.array([x[2] for x in v]), np.array([x[1] for x in v]))
             for i, v in acc.items()}
 
@@ -209,8 +309,8 @@ def load_any_predictions(path: str | Path, sizes: dict[str, tuple[int, int]], cl
         raise DataError(path, "prediction file not found")
     if path.suffix == ".csv":
         return read_submission(path, sizes, classes)
-    head = (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)).read(200).lstrip()
-    if head.startswith("["):
-        return read_coco_results(path, coco_id_map or {i: i for i in sizes}, sizes)
-    preds, _ = read_predictions(path)
+    text = _read_text(path, "prediction file")
+    if text.lstrip().startswith("["):
+        return _parse_coco_results(path, text, coco_id_map or {i: i for i in sizes}, sizes)
+    preds, _ = _parse_predictions(path, text)
     return preds

@@ -13,6 +13,7 @@ numpy pass) because per-mask Python overhead, not arithmetic, dominates here.
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Iterable, Sequence
 
@@ -203,6 +204,9 @@ def string_to_counts(s: str | bytes) -> Counts:
     if v.min() < 0 or v.max() > 63 or (v[-1] & 0x20):
         raise ValueError("not a COCO compressed RLE string")
     end = (v & 0x20) == 0
+    chain = np.diff(np.concatenate(([-1], np.flatnonzero(end))))
+    if chain.max() > 12:  # 12 chars carry 60 bits: anything longer is not a run length
+        raise ValueError("not a COCO compressed RLE string (a value is too long)")
     num_id = np.concatenate(([0], np.cumsum(end)[:-1]))
     starts = np.flatnonzero(np.concatenate(([True], end[:-1])))
     k = np.arange(v.size) - starts[num_id]
@@ -219,6 +223,8 @@ def string_to_counts(s: str | bytes) -> Counts:
         even[:] = np.cumsum(even)
     if (out < 0).any():
         raise ValueError("COCO RLE string decodes to negative run lengths")
+    if (out >= 2 ** 32).any():
+        raise ValueError("COCO RLE string decodes to a run longer than any image")
     return out.astype(np.uint32)
 
 
@@ -227,27 +233,72 @@ def to_coco_rle(counts: Counts, height: int, width: int) -> dict:
     return {"size": [int(height), int(width)], "counts": counts_to_string(counts)}
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_polygons(seg: list, height: int, width: int) -> list[list[float]]:
+    """COCO polygons ``[[x0, y0, x1, y1, ...], ...]``, validated: a list of lists of finite numbers,
+    each of even length with at least 3 points, inside the image with a 1-pixel tolerance
+    (coordinates run over pixel edges, 0..width and 0..height). ValueError says which is wrong."""
+    if not seg:
+        raise ValueError("empty polygon list")
+    for j, p in enumerate(seg):
+        if not isinstance(p, list):
+            raise ValueError(f"polygon {j} is a {type(p).__name__}, not a list of coordinates "
+                             "(segmentation must be a list of polygons)")
+        if not all(_is_number(v) for v in p):
+            bad = next(v for v in p if not _is_number(v))
+            raise ValueError(f"polygon {j} has a coordinate that is not a number ({bad!r})")
+        if len(p) % 2:
+            raise ValueError(f"polygon {j} has an odd number of coordinates ({len(p)})")
+        if len(p) < 6:
+            raise ValueError(f"polygon {j} has {len(p) // 2} point(s), at least 3 are needed")
+        a = np.asarray(p, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise ValueError(f"polygon {j} has a NaN or infinite coordinate")
+        x, y = a[0::2], a[1::2]
+        if x.min() < -1 or y.min() < -1 or x.max() > width + 1 or y.max() > height + 1:
+            raise ValueError(f"polygon {j} lies outside the {width}x{height} image (x {x.min():g}..{x.max():g}, "
+                             f"y {y.min():g}..{y.max():g}; 1 pixel of tolerance)")
+    return seg
+
+
 def from_coco_segmentation(seg, height: int, width: int) -> Counts:
-    """COCO 'segmentation' (polygons, compressed or uncompressed RLE) -> counts."""
+    """COCO 'segmentation' (polygons, compressed or uncompressed RLE) -> counts.
+
+    Anything malformed raises ValueError saying what: polygons (see :func:`check_polygons`),
+    an RLE whose size is not the image's, counts that are not run lengths, runs that do not
+    cover the image exactly.
+    """
     if isinstance(seg, dict):
         size = seg.get("size")
-        if size is not None and list(size) != [height, width]:
-            raise ValueError(f"RLE size {list(size)} does not match image {height}x{width}")
-        c = seg.get("counts")
+        if size is not None:
+            if not (isinstance(size, list) and len(size) == 2 and all(_is_number(v) for v in size)):
+                raise ValueError(f"RLE size {size!r} is not [height, width]")
+            if list(size) != [height, width]:
+                raise ValueError(f"RLE size {list(size)} does not match image {height}x{width}")
+        if "counts" not in seg:
+            raise ValueError("RLE has no 'counts'")
+        c = seg["counts"]
         if isinstance(c, (str, bytes)):
             counts = string_to_counts(c)
-        else:
-            counts = np.asarray(c, dtype=np.int64)
-            if (counts < 0).any():
+        elif isinstance(c, list):
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in c):
+                bad = next(v for v in c if not (isinstance(v, int) and not isinstance(v, bool)))
+                raise ValueError(f"RLE counts must be integers (found {bad!r})")
+            if any(v < 0 for v in c):
                 raise ValueError("negative run length")
-            counts = counts.astype(np.uint32)
+            if c and max(c) > height * width:
+                raise ValueError(f"run length {max(c)} is longer than the image ({height * width} pixels)")
+            counts = np.asarray(c, dtype=np.int64).astype(np.uint32)
+        else:
+            raise ValueError(f"RLE counts is a {type(c).__name__}, not a string or a list of integers")
     elif isinstance(seg, list):
         from pycocotools import mask as mask_util
 
-        polys = [p for p in seg if len(p) >= 6]
-        if not polys:
-            raise ValueError("polygon with fewer than 3 points")
-        rle = mask_util.merge(mask_util.frPyObjects(polys, height, width))
+        polys = check_polygons(seg, height, width)
+        rle = mask_util.merge(mask_util.frPyObjects([[float(v) for v in p] for p in polys], height, width))
         counts = string_to_counts(rle["counts"])
     else:
         raise ValueError(f"unsupported segmentation type {type(seg).__name__}")
@@ -307,7 +358,7 @@ def kaggle_decode_runs(
 
     if (b := np.flatnonzero(lengths <= 0)).size:
         fail(b, "run length must be positive")
-    if (b := np.flatnonzero((starts < 0) | (starts + lengths > n_pix))).size:
+    if (b := np.flatnonzero((starts < 0) | (starts >= n_pix) | (lengths > n_pix) | (starts + lengths > n_pix))).size:
         fail(b, f"run outside the {height}x{width} image")
     same = run_mask[1:] == run_mask[:-1]
     if (b := np.flatnonzero(same & (starts[1:] < starts[:-1] + lengths[:-1]))).size:
@@ -358,6 +409,9 @@ def _cut_at_row_ends(starts: np.ndarray, lengths: np.ndarray, run_mask: np.ndarr
     return s, e - s, run_mask[idx]
 
 
+_INT_TOKEN = re.compile(r"-?[0-9]{1,15}")  # 15 digits: far beyond any image, far inside int64
+
+
 def _parse_slowly(parts: list[str], where) -> tuple[np.ndarray, np.ndarray]:
     """Token by token, to name the row of an empty annotation or a value that is not an integer."""
     n_vals = np.empty(len(parts), dtype=np.int64)
@@ -366,8 +420,9 @@ def _parse_slowly(parts: list[str], where) -> tuple[np.ndarray, np.ndarray]:
         toks = a.split()
         if not toks:
             raise DataError(where[i], "empty annotation")
-        if not all(t.lstrip("-").isdigit() for t in toks):
-            raise DataError(where[i], "annotation has a value that is not an integer")
+        bad = next((t for t in toks if not _INT_TOKEN.fullmatch(t)), None)
+        if bad is not None:
+            raise DataError(where[i], f"annotation has a value that is not an integer ({bad[:20]!r})")
         n_vals[i] = len(toks)
         out.extend(toks)
     return np.array(out, dtype=np.int64), n_vals
