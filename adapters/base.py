@@ -12,11 +12,13 @@ from __future__ import annotations
 import abc
 import importlib
 import importlib.metadata
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bench.data.sample import Instances, Sample
 
@@ -34,6 +36,38 @@ class AdapterConfig(BaseModel):
     # Kaggle mAP of the validation split every N iterations (epochs for Cellpose) during
     # training, for validation curves; 0: off. Never used for model selection.
     eval_every: int = Field(0, ge=0)
+
+    # issue 19: no option value may turn into a plausible wrong number
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_yes_no_for_numbers(cls, v, info):
+        """``min_distance=yes`` is YAML's True: refused for a number field, not read as 1."""
+        if not _all_finite(v):  # before the bounds, whose message for NaN would be misleading
+            raise ValueError("NaN and infinite values are not allowed")
+        if isinstance(v, bool):
+            ann = cls.model_fields[info.field_name].annotation
+            kinds = {ann, *typing.get_args(ann)}
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError(f"{v!r} is a yes/no value, not a number")
+        return v
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _finite_numbers(cls, v):
+        """``threshold_scale=.nan`` (or inf) is refused rather than scoring 0 without complaint."""
+        if not _all_finite(v):
+            raise ValueError("NaN and infinite values are not allowed")
+        return v
+
+
+def _all_finite(v) -> bool:
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if isinstance(v, (list, tuple, set)):
+        return all(_all_finite(x) for x in v)
+    if isinstance(v, dict):
+        return all(_all_finite(x) for x in v.values())
+    return True
 
 
 @dataclass(frozen=True)

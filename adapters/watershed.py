@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
+from pydantic import Field
 
 from bench.adapters.base import Adapter, AdapterConfig, Capabilities, FitContext
 from bench.adapters.registry import register
@@ -22,12 +23,13 @@ from bench.data.sample import Instances, Sample
 class WatershedConfig(AdapterConfig):
     # phase contrast: local contrast; fluorescence (bright cells on dark): plain intensity
     feature: Literal["contrast", "intensity"] = "contrast"
-    background_sigma: float = 12.0      # px; scale of the illumination/background estimate
-    smooth_sigma: float = 1.5           # px; smoothing of the contrast image
+    # bounds checked before anything runs (NaN/inf and yes/no words are refused by AdapterConfig)
+    background_sigma: float = Field(12.0, gt=0)   # px; scale of the illumination/background estimate
+    smooth_sigma: float = Field(1.5, ge=0)        # px; smoothing of the contrast image (0: none)
     threshold: Literal["otsu", "li", "triangle"] = "otsu"
-    threshold_scale: float = 1.0        # multiply the automatic threshold
-    min_distance: int = 4               # px between seeds
-    min_size: int = 20                  # px; smaller objects are dropped
+    threshold_scale: float = Field(1.0, gt=0)     # multiply the automatic threshold
+    min_distance: int = Field(4, ge=1)            # px between seeds
+    min_size: int = Field(20, ge=0)               # px; smaller objects are dropped
     fill_holes: bool = True
 
 

@@ -21,13 +21,24 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(2)
 
 
+def _check_output_file(path: Path | None, what: str) -> None:
+    """An output file must be writable where it is asked for: its folder exists, it is not a
+    folder itself. Checked before any work, so a typo costs nothing (and prints no traceback)."""
+    if path is None:
+        return
+    if path.is_dir():
+        _fail(DataError(path, f"{what} is a folder; give a file name"))
+    if not path.parent.is_dir():
+        _fail(DataError(path, f"folder {path.parent} does not exist"))
+
+
 # ---------------------------------------------------------------------------
 # bench data ...
 # ---------------------------------------------------------------------------
 
 @data_app.command("synth")
 def data_synth(out: Path = typer.Option(..., "--out", help="Folder to write train.csv and train/*.png into."),
-               images: int = typer.Option(100, "--images", help="Number of images."),
+               images: int = typer.Option(100, "--images", min=1, help="Number of images (>= 1)."),
                size: str = typer.Option("704x520", "--size", help="WIDTHxHEIGHT."),
                seed: int = typer.Option(0, "--seed")):
     """Write the built-in synthetic Sartorius-like dataset (deterministic per seed)."""
@@ -39,8 +50,13 @@ def data_synth(out: Path = typer.Option(..., "--out", help="Folder to write trai
         w, h = (int(v) for v in size.lower().split("x"))
     except ValueError:
         _fail(ValueError(f"--size must be WIDTHxHEIGHT, got {size!r}"))
+    if out.exists() and not out.is_dir():
+        _fail(DataError(out, "--out is a file, not a folder"))
     t = time.perf_counter()
-    generate(out, n_images=images, size=(w, h), seed=seed)
+    try:
+        generate(out, n_images=images, size=(w, h), seed=seed)
+    except (OSError, ValueError) as e:
+        _fail(e)
     typer.echo(f"wrote {images} images of {w}x{h} to {out} in {time.perf_counter() - t:.1f} s")
 
 
@@ -70,6 +86,7 @@ def data_stats(data: Path = typer.Argument(..., help="Dataset (annotations only 
     from bench.data.io import load_dataset
     from bench.data.stats import dataset_stats, stats_table
 
+    _check_output_file(json_out, "--json")
     try:
         ds = load_dataset(data, require_images=False)
         rows = dataset_stats(ds, with_images=any(s.path and s.path.is_file() for s in ds))
@@ -77,7 +94,12 @@ def data_stats(data: Path = typer.Argument(..., help="Dataset (annotations only 
         _fail(e)
     typer.echo(stats_table(rows))
     if json_out:
-        json_out.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+        from bench.util import atomic_write_text
+
+        try:
+            atomic_write_text(json_out, json.dumps([asdict(r) for r in rows], indent=1))
+        except OSError as e:
+            _fail(e)
 
 
 @data_app.command("split")
@@ -110,7 +132,7 @@ def eval_cmd(gt: Path = typer.Option(..., "--gt", help="Sartorius folder or trai
              resolve_overlaps: bool = typer.Option(False, "--resolve-overlaps",
                                                    help="Give each pixel to the highest-scoring instance "
                                                         "instead of rejecting overlapping predictions."),
-             max_dets: int = typer.Option(1000, "--max-dets", help="COCO maxDets per image."),
+             max_dets: int = typer.Option(1000, "--max-dets", min=1, help="COCO maxDets per image (>= 1)."),
              class_aware: bool = typer.Option(False, "--class-aware",
                                               help="COCO AP per predicted class (useCats=1) instead of "
                                                    "class-agnostic (LIVECell's way, the default)."),
@@ -122,6 +144,7 @@ def eval_cmd(gt: Path = typer.Option(..., "--gt", help="Sartorius folder or trai
     from bench.report.tables import eval_table
     from bench.util import atomic_write_json
 
+    _check_output_file(json_out, "--json")
     try:
         ds = load_dataset(gt, require_images=False)
         sizes = {s.image_id: (s.height, s.width) for s in ds}
@@ -134,7 +157,10 @@ def eval_cmd(gt: Path = typer.Option(..., "--gt", help="Sartorius folder or trai
         _fail(e)
     typer.echo(eval_table(res))
     if json_out:
-        atomic_write_json(json_out, res)
+        try:
+            atomic_write_json(json_out, res)
+        except OSError as e:
+            _fail(e)
         typer.echo(f"wrote {json_out}")
 
 

@@ -26,8 +26,8 @@ def tune_cmd(run: Path = typer.Argument(..., help="Run folder (results/runs/<sta
              models: Optional[str] = typer.Option(None, "--models",
                                                   help="Comma-separated model labels or specs (default: all "
                                                        "with saved validation predictions)."),
-             folds: int = typer.Option(5, "--folds", help="k of the k-fold cross-validation (at most the "
-                                                          "number of validation images)."),
+             folds: int = typer.Option(5, "--folds", min=2, help="k of the k-fold cross-validation (>= 2; at "
+                                                                 "most the number of validation images)."),
              seed: Optional[int] = typer.Option(None, "--seed", help="Fold shuffle seed (default: the run's).")):
     """Tune score threshold and minimum mask area per class on the saved validation predictions.
 
@@ -104,6 +104,9 @@ def submit_cmd(run: Path = typer.Option(..., "--run", help="Run folder holding t
     """
     from bench.infer import load_model, submit_folder
 
+    if out.is_dir():
+        _fail(DataError(out, "--out is a folder; give the csv file to write, e.g. "
+                             f"{out / 'submission.csv'}"))
     try:
         lm = load_model(run, model, device)
         if not raw and lm.tuning is None:

@@ -16,6 +16,8 @@ N_RESAMPLES = 2000
 
 def resample_weights(n: int, n_resamples: int = N_RESAMPLES, seed: int = 0) -> np.ndarray:
     """(B x n) multiplicities of each image in each resample."""
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(n_resamples, n))
     w = np.zeros((n_resamples, n), dtype=np.int64)

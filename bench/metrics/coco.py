@@ -156,9 +156,16 @@ class SparseIoUCOCOeval(COCOeval):
                 "dtScores": [d["score"] for d in dt], "gtIgnore": gtIg, "dtIgnore": dtIg}
 
 
+def check_max_dets(max_dets) -> None:
+    """maxDets < 1 keeps no detection at all: AP 0.0 that looks like a score. Refused."""
+    if isinstance(max_dets, bool) or not isinstance(max_dets, (int, np.integer)) or max_dets < 1:
+        raise ValueError(f"max_dets must be an integer >= 1, got {max_dets!r}")
+
+
 def coco_eval(images: list[tuple[str, Instances, Instances]], n_classes: int = 1, max_dets: int = 1000,
               class_aware: bool = False) -> tuple[dict, COCOeval]:
     """AP, AP50, AP75, APs, APm, APl (segm) at ``max_dets`` detections per image; NaN where undefined."""
+    check_max_dets(max_dets)
     inputs = build_coco(images, n_classes, class_aware)
     E = SparseIoUCOCOeval(inputs)
     E.params.useCats = int(class_aware)

@@ -15,7 +15,7 @@ from bench.data.errors import DataError
 from bench.data.sample import Instances
 from bench.metrics import kaggle
 from bench.metrics.bootstrap import N_RESAMPLES, bootstrap_ci, bootstrap_ci_stat
-from bench.metrics.coco import coco_eval, match_table, weighted_ap
+from bench.metrics.coco import check_max_dets, coco_eval, match_table, weighted_ap
 
 
 class InstanceSegEvaluator:
@@ -28,6 +28,9 @@ class InstanceSegEvaluator:
     def __init__(self, classes: Sequence[str], max_dets: int = 1000, resolve_overlaps: bool = False,
                  class_aware_coco: bool = False, n_resamples: int = N_RESAMPLES, seed: int = 0,
                  with_coco: bool = True):
+        check_max_dets(max_dets)
+        if isinstance(n_resamples, bool) or not isinstance(n_resamples, (int, np.integer)) or n_resamples < 1:
+            raise ValueError(f"n_resamples must be an integer >= 1, got {n_resamples!r}")
         self.classes = list(classes)
         self.max_dets = max_dets
         self.resolve = resolve_overlaps
@@ -46,6 +49,8 @@ class InstanceSegEvaluator:
             raise DataError(f"image {image_id}", "scored twice")
         if pred.scores is None:
             pred = Instances(pred.height, pred.width, pred.counts, pred.classes, np.ones(len(pred)), _runs=pred._runs)
+        if not np.isfinite(pred.scores).all():
+            raise DataError(f"image {image_id}", "a prediction score is NaN or infinite")
         if (gt.height, gt.width) != (pred.height, pred.width):
             raise DataError(f"image {image_id}", f"prediction size {pred.width}x{pred.height} differs from "
                                                  f"ground truth {gt.width}x{gt.height}")
