@@ -98,12 +98,17 @@ def write_split(split: dict, path: str | Path) -> None:
 def read_split(path: str | Path, dataset: Dataset | None = None) -> dict:
     path = Path(path)
     try:
-        split = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        split = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (OSError, ValueError) as e:  # ValueError: JSON and UTF-8 decoding errors
         raise DataError(path, f"cannot read split ({e})") from None
+    if not isinstance(split, dict):
+        raise DataError(path, f"split is a {type(split).__name__}, not an object")
     for k in ("train", "val", "hash"):
         if k not in split:
             raise DataError(path, f"split has no '{k}'")
+    for k in ("train", "val"):
+        if not isinstance(split[k], list) or not all(isinstance(i, str) for i in split[k]):
+            raise DataError(path, f"split's '{k}' is not a list of image ids")
     if dataset is not None:
         known = {s.image_id for s in dataset.samples}
         unknown = [i for i in split["train"] + split["val"] if i not in known]
