@@ -1,9 +1,11 @@
 """Classical baseline: threshold, distance transform, watershed. No training, no classes.
 
-The floor every learned model must clear. Phase-contrast cells differ from the
-background by local contrast (halos, texture) rather than by brightness, so the
-foreground is thresholded on the smoothed absolute deviation from a blurred
-background, not on raw intensity.
+The floor every learned model must clear. It reads its pixels through the same input
+policy as the models (:mod:`bench.data.normalize`, its ``input_norm`` / ``input_percentiles``
+options), made gray by the channel mean, so the floor row sees what the models see.
+Phase-contrast cells differ from the background by local contrast (halos, texture)
+rather than by brightness, so the foreground is thresholded on the smoothed absolute
+deviation from a blurred background, not on raw intensity.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pydantic import Field
 
 from bench.adapters.base import Adapter, AdapterConfig, Capabilities, FitContext
 from bench.adapters.registry import register
+from bench.data.normalize import InputPolicy, normalize, to_gray
 from bench.data.sample import Instances, Sample
 
 
@@ -54,9 +57,7 @@ class WatershedAdapter(Adapter):
         from skimage.feature import peak_local_max
 
         c: WatershedConfig = self.cfg  # type: ignore[assignment]
-        img = image.astype(np.float32)
-        if img.ndim == 3:
-            img = img.mean(axis=2)
+        img = to_gray(normalize(image, InputPolicy.of(c)))  # float32 in [0, 1], as the models see it
         if c.feature == "contrast":
             contrast = filters.gaussian(np.abs(img - filters.gaussian(img, c.background_sigma)), c.smooth_sigma)
         else:

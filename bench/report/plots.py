@@ -121,14 +121,17 @@ def loss_curves(done: list[dict], path: Path) -> Path | None:
         log = r["runs"][0]["dir"] / "train_log.jsonl"
         if not log.is_file():
             continue
+        # the shared schema (FitContext.log_step): every record has `step`; `epoch` where the
+        # framework counts epochs (then step = epoch for Cellpose), named in the legend
         recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        recs = [x for x in recs if "loss" in x]
+        recs = [x for x in recs if "loss" in x and "step" in x]
         if not recs:
             continue
-        step_key = next((k for k in ("iteration", "iter", "epoch", "step") if k in recs[0]), None)
-        xs = [x[step_key] for x in recs] if step_key else list(range(len(recs)))
-        total = max(xs) or 1
-        ax.plot(np.array(xs) / total, [x["loss"] for x in recs], label=f"{r['model']} ({step_key or 'step'}s: {total})")
+        xs = np.array([x["step"] for x in recs], dtype=float)
+        total = xs.max() or 1.0
+        epochs = [x["epoch"] for x in recs if x.get("epoch") is not None]
+        unit = f"epochs: {max(epochs)}" if epochs else f"steps: {int(total)}"
+        ax.plot(xs / total, [x["loss"] for x in recs], label=f"{r['model']} ({unit})")
         drawn += 1
     if not drawn:
         _plt().close(fig)
