@@ -10,15 +10,14 @@ that would fetch ``cyto3`` or a size model fails loudly instead.
 
 Choices worth knowing (all in :class:`CellposeConfig`):
 
-* **Input.** Grayscale, made explicitly here rather than left to Cellpose's guesses:
-  an RGB image becomes the mean of its channels (what Cellpose's ``channels=[0, 0]``
-  does), is scaled so its ``norm_percentiles`` (1st/99th, Cellpose's default) map to
-  0/1, and is handed to Cellpose as a 2-D image with ``channels=[0, 0]`` (second
-  network channel all zeros) and Cellpose's own normalisation switched off, for
-  training and prediction alike. Normalising here, once, is deliberate: Cellpose
-  3.1's training path ignores the percentile settings of its ``normalize`` dict
-  (``train._reshape_norm`` passes the dict as a bool), so letting Cellpose normalise
-  could silently train and predict with different settings.
+* **Input.** The shared input policy (:mod:`bench.data.normalize`, the ``input_norm`` /
+  ``input_percentiles`` options every model has), then grayscale by the channel mean
+  (``to_gray``, what Cellpose's ``channels=[0, 0]`` does), handed to Cellpose as a 2-D
+  image with ``channels=[0, 0]`` (second network channel all zeros) and Cellpose's own
+  normalisation switched off, for training and prediction alike. Cellpose must not
+  normalise again: 3.1's training path ignores the percentile settings of its
+  ``normalize`` dict (``train._reshape_norm`` passes the dict as a bool), so letting it
+  normalise could silently train and predict with different settings.
 * **Labels.** Cellpose trains from label images, but the ground truth may overlap:
   each sample's label image comes from ``Instances.to_label_image()``, where a pixel
   claimed by several masks keeps the *earliest* mask (later masks never overwrite
@@ -38,7 +37,7 @@ Choices worth knowing (all in :class:`CellposeConfig`):
   cell probability (sigmoid of the cellprob output) over its mask, which ranks cells
   for COCO AP.
 
-Per-epoch losses: ``train_seg`` has no callback and logs only every tenth epoch, and
+Per-epoch log records (``step`` = ``epoch``: Cellpose counts epochs): ``train_seg`` has no callback and logs only every tenth epoch, and
 running it in chunks of epochs would restart its learning-rate schedule (warm-up and
 decay are computed from ``n_epochs`` inside the call), its optimiser state and its
 per-epoch seeds. So the whole schedule runs in one ``train_seg`` call and
@@ -48,40 +47,44 @@ training batches (gradients on) are summed into epochs, which are known exactly 
 this adapter fixes the number of batches per epoch (``ceil(nimg_per_epoch /
 batch_size)``, images with too few masks dropped beforehand); the test batches that
 ``train_seg`` evaluates on ``val`` every tenth epoch (gradients off) become
-``val_loss``. The wrapper only observes: it returns the original loss unchanged. It
+``val_loss``; ``lr`` is train_seg's schedule (:func:`_lr_schedule`). The wrapper only observes: it returns the original loss unchanged. It
 patches a module attribute, so two Cellpose trainings must not run in one process at
 the same time (the runner trains one model at a time).
+
+Seeds and cuDNN flags come from :class:`~bench.adapters.trainable.TrainableAdapter` (they seed
+the network's initial weights; augmentations need no seed: ``train_seg`` reseeds numpy with
+the epoch number at every epoch). A checkpoint is ``cellpose_net.pth`` plus the shared
+``meta.json`` (its ``extra``: ``diam_mean``, ``diam_labels``, the Cellpose version).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import random
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import numpy as np
 from pydantic import Field, model_validator
 
-from bench.adapters.base import Adapter, AdapterConfig, Capabilities, FitContext, check_weights_file
+from bench.adapters.base import AdapterConfig, Capabilities, FitContext, check_weights_file
 from bench.adapters.registry import register
+from bench.adapters.trainable import TrainableAdapter
+from bench.data.normalize import to_gray
 from bench.data.sample import Instances, Sample
 
 _NET_FILE = "cellpose_net.pth"
-_META_FILE = "cellpose.json"
 
 
 class CellposeConfig(AdapterConfig):
     # ---- training: cellpose.train.train_seg (defaults = Cellpose's own training from scratch,
     #      i.e. `python -m cellpose --train` / the Cellpose paper: SGD, lr 0.2, 500 epochs, batch 8)
-    n_epochs: int = Field(500, ge=1)
+    epochs: int = Field(500, ge=1)
     batch_size: int = Field(8, ge=1)
-    learning_rate: float = Field(0.2, gt=0)
+    lr: float = Field(0.2, gt=0)
     weight_decay: float = Field(1e-5, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)       # SGD only
-    sgd: bool = True                                 # False: AdamW (train_seg's own default, lr ~0.005)
+    optimizer: Literal["sgd", "adamw"] = "sgd"       # adamw: train_seg's own default (lr ~0.005)
     bsize: int = Field(224, ge=32)                   # training crop = prediction tile size (Cellpose: 224)
     nimg_per_epoch: int | None = Field(None, ge=1)   # images per epoch (None: every training image once)
     min_train_masks: int = Field(5, ge=0)            # drop training images with fewer masks (Cellpose default; empty images always dropped)
@@ -91,8 +94,6 @@ class CellposeConfig(AdapterConfig):
     save_every: int = Field(100, ge=1)               # epochs between checkpoints in the workdir
     # ---- model
     diam_mean: float | None = Field(None, gt=0)      # px; None: median diameter of the training masks
-    # ---- input
-    norm_percentiles: tuple[float, float] = (1.0, 99.0)  # image percentiles mapped to 0 and 1
     # ---- prediction: CellposeModel.eval
     diameter: float | None = Field(None, gt=0)       # px of cells in new images; None: training labels' mean
     flow_threshold: float = Field(0.4, ge=0)         # max flow error of a kept mask (Cellpose default)
@@ -105,13 +106,10 @@ class CellposeConfig(AdapterConfig):
     max_size_fraction: float = Field(0.4, gt=0, le=1)  # drop masks larger than this fraction of the image
     niter: int | None = Field(None, ge=1)            # flow-following steps (None: 200 / rescale)
     tile_overlap: float = Field(0.1, ge=0, lt=1)
-    augment: bool = False                            # test-time flip augmentation of the tiles
+    tta: bool = False                                # test-time flip augmentation of the tiles (Cellpose's augment)
 
     @model_validator(mode="after")
     def _check(self) -> "CellposeConfig":
-        lo, hi = self.norm_percentiles
-        if not 0 <= lo < hi <= 100:
-            raise ValueError(f"norm_percentiles must satisfy 0 <= low < high <= 100, got {self.norm_percentiles}")
         if self.weights is not None and self.diam_mean is not None:
             raise ValueError("diam_mean cannot be set together with weights: a pretrained network works at the "
                              "diameter it was trained with (stored in the weights file)")
@@ -119,13 +117,17 @@ class CellposeConfig(AdapterConfig):
 
 
 @register("cellpose")
-class CellposeAdapter(Adapter):
+class CellposeAdapter(TrainableAdapter):
     framework = "cellpose"
     framework_modules = ("cellpose.models", "cellpose.train")
     install_hint = 'pip install "cellpose>=3.1,<4"'
     capabilities = Capabilities(predicts_classes=False, overlapping_masks=False, trainable=True)
     Config = CellposeConfig
     warm_start_name = _NET_FILE
+    framework_keys = {"epochs": "train_seg n_epochs", "lr": "train_seg learning_rate",
+                      "batch_size": "train_seg batch_size", "weight_decay": "train_seg weight_decay",
+                      "optimizer": "train_seg SGD=True (sgd) / False (adamw)",
+                      "eval_every": "train_seg save_every + save_each snapshots, scored after training"}
 
     def __init__(self, cfg: AdapterConfig, classes: Sequence[str], device: str = "cpu"):
         super().__init__(cfg, classes, device)
@@ -134,15 +136,13 @@ class CellposeAdapter(Adapter):
         self._diam_labels: float | None = None
 
     # ---- training ------------------------------------------------------------
-    def fit(self, train: Sequence[Sample], val: Sequence[Sample], cfg: AdapterConfig, ctx: FitContext) -> None:
-        c: CellposeConfig = cfg  # type: ignore[assignment]
+    def train(self, train: Sequence[Sample], val: Sequence[Sample], ctx: FitContext) -> None:
+        c: CellposeConfig = self.cfg  # type: ignore[assignment]
         weights = check_weights_file(c.weights)  # before anything slow
         from cellpose import dynamics
         from cellpose import train as cp_train
 
-        self.cfg = c
         dev = self._torch_device()
-        _seed_everything(ctx.seed)
 
         # images, label images, flows (computed once, here)
         imgs, labels, n_masks = [], [], []
@@ -174,16 +174,16 @@ class CellposeAdapter(Adapter):
         batches_per_epoch = math.ceil(nimg / c.batch_size)
         work = Path(ctx.workdir) / "cellpose"
         work.mkdir(parents=True, exist_ok=True)
-        epochs = _EpochLogger(batches_per_epoch, c.n_epochs, ctx)
-        ctx.report(0, c.n_epochs)
+        epochs = _EpochLogger(batches_per_epoch, _lr_schedule(c.lr, c.epochs), ctx)
+        ctx.report(0, c.epochs)
         with _no_downloads(), _loss_tap(epochs.on_batch):
             cp_train.train_seg(
                 model.net, train_data=imgs, train_labels=flows,
                 test_data=val_imgs, test_labels=val_flows,
                 channels=[0, 0], channel_axis=None, rgb=False,
                 normalize={"normalize": False, "invert": False},  # done in _prep; a dict: no global mutation
-                batch_size=c.batch_size, learning_rate=c.learning_rate, n_epochs=c.n_epochs,
-                weight_decay=c.weight_decay, momentum=c.momentum, SGD=c.sgd,
+                batch_size=c.batch_size, learning_rate=c.lr, n_epochs=c.epochs,
+                weight_decay=c.weight_decay, momentum=c.momentum, SGD=c.optimizer == "sgd",
                 nimg_per_epoch=c.nimg_per_epoch, rescale=c.rescale, scale_range=c.scale_range,
                 bsize=c.bsize, min_train_masks=0,  # already filtered above (keeps the epoch count exact)
                 save_path=str(work), model_name="cellpose_net",
@@ -199,7 +199,7 @@ class CellposeAdapter(Adapter):
         self._diam_mean = float(model.net.diam_mean.item())
         self._diam_labels = float(model.net.diam_labels.item())  # set by train_seg: mean per-image diameter
         if ctx.curve_wanted:
-            self._validation_curve(work / "models", c.n_epochs, ctx)
+            self._validation_curve(work / "models", c.epochs, ctx)
 
     def _validation_curve(self, models_dir: Path, n_epochs: int, ctx: FitContext) -> None:
         """Kaggle mAP of each snapshot ``cellpose_net_epoch_NNNN`` (saved after 0-based epoch NNNN,
@@ -226,7 +226,7 @@ class CellposeAdapter(Adapter):
 
         c: CellposeConfig = self.cfg  # type: ignore[assignment]
         out = []
-        with _no_downloads(), _deterministic():
+        with _no_downloads():
             for s in samples:
                 img = self._prep(s.image)
                 masks, flows, _ = self._model.eval(
@@ -235,7 +235,7 @@ class CellposeAdapter(Adapter):
                     rescale=self._rescale_factor(), diameter=None, resample=True,
                     flow_threshold=c.flow_threshold, cellprob_threshold=c.cellprob_threshold,
                     min_size=c.min_size, max_size_fraction=c.max_size_fraction, niter=c.niter,
-                    augment=c.augment, tile_overlap=c.tile_overlap, batch_size=c.batch_size,
+                    augment=c.tta, tile_overlap=c.tile_overlap, batch_size=c.batch_size,
                     bsize=c.bsize,  # tiles as large as the training crops ("like in training", Cellpose docs)
                 )
                 masks = np.asarray(masks).reshape(img.shape).astype(np.int32)
@@ -251,30 +251,27 @@ class CellposeAdapter(Adapter):
         return float(self._diam_mean / d)
 
     # ---- persistence ---------------------------------------------------------
-    def save(self, directory: Path) -> None:
+    def save_weights(self, directory: Path) -> None:
         if self._model is None:
             raise RuntimeError("cellpose: save() before fit() or load()")
+        self._model.net.save_model(str(directory / _NET_FILE))
+
+    def checkpoint_extra(self) -> dict:
         import importlib.metadata
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self._model.net.save_model(str(directory / _NET_FILE))
-        meta = {"config": self.cfg.model_dump(mode="json"), "diam_mean": self._diam_mean,
-                "diam_labels": self._diam_labels, "cellpose_version": importlib.metadata.version("cellpose")}
-        (directory / _META_FILE).write_text(json.dumps(meta, indent=1))
+        return {"diam_mean": self._diam_mean, "diam_labels": self._diam_labels,
+                "cellpose_version": importlib.metadata.version("cellpose")}
 
-    def load(self, directory: Path) -> None:
-        directory = Path(directory)
-        meta = json.loads((directory / _META_FILE).read_text())
-        self.cfg = self.Config(**meta["config"])
+    def restore_extra(self, extra: dict) -> None:
+        self._diam_mean, self._diam_labels = float(extra["diam_mean"]), float(extra["diam_labels"])
+
+    def load_weights(self, directory: Path) -> None:
         net_file = check_weights_file(str(directory / _NET_FILE), "cellpose network")
         with _no_downloads():
-            model = self._new_model(diam_mean=float(meta["diam_mean"]), weights=None)
+            model = self._new_model(diam_mean=self._diam_mean, weights=None)
             model.net.load_model(str(net_file), device=model.device)
         model.net.eval()
         self._model = model
-        self._diam_mean = float(meta["diam_mean"])
-        self._diam_labels = float(meta["diam_labels"])
 
     # ---- helpers -------------------------------------------------------------
     def _torch_device(self):
@@ -297,26 +294,32 @@ class CellposeAdapter(Adapter):
                                     model_type=None, mkldnn=False, diam_mean=diam_mean, device=dev, nchan=2)
 
     def _prep(self, image: np.ndarray) -> np.ndarray:
-        """Grayscale float32 in [0, 1]-ish: mean of the channels, percentile-normalised."""
-        c: CellposeConfig = self.cfg  # type: ignore[assignment]
-        img = np.asarray(image, dtype=np.float32)
-        if img.ndim == 3:
-            img = img.mean(axis=2)
-        lo, hi = np.percentile(img, c.norm_percentiles)
-        if hi - lo < 1e-6:
-            return np.zeros_like(img, dtype=np.float32)
-        return ((img - lo) / (hi - lo)).astype(np.float32)
+        """The shared input policy, then gray (channel mean): H x W float32 in [0, 1]."""
+        return to_gray(self.model_input(image))
+
+
+def _lr_schedule(lr: float, n_epochs: int) -> np.ndarray:
+    """The learning rate of each epoch as ``train_seg`` (Cellpose 3.1) sets it: 10 epochs of linear
+    warm-up from 0, constant, then halved 10 times over the last 100 (> 300 epochs) or 50 (> 100)."""
+    sched = np.append(np.linspace(0, lr, 10), lr * np.ones(max(0, n_epochs - 10)))
+    for over, span in ((300, 100), (100, 50)):
+        if n_epochs > over:
+            sched = sched[:-span]
+            for _ in range(10):
+                sched = np.append(sched, sched[-1] / 2 * np.ones(span // 10))
+            break
+    return sched[:n_epochs]  # fewer than 10 epochs: the first steps of the warm-up only
 
 
 class _EpochLogger:
-    """Turns per-batch losses from :func:`_loss_tap` into one record per epoch."""
+    """Turns per-batch losses from :func:`_loss_tap` into one shared-schema record per epoch."""
 
-    def __init__(self, batches_per_epoch: int, n_epochs: int, ctx: FitContext):
-        self.per_epoch, self.n_epochs, self.ctx = batches_per_epoch, n_epochs, ctx
+    def __init__(self, batches_per_epoch: int, lrs: np.ndarray, ctx: FitContext):
+        self.per_epoch, self.lrs, self.ctx = batches_per_epoch, lrs, ctx
         self.batch = 0
         self.sum = self.n = 0.0
         self.val_sum = self.val_n = 0.0
-        self.pending: dict | None = None
+        self.pending: tuple[int, float] | None = None
 
     def on_batch(self, loss: float, n: int, training: bool) -> None:
         if not training:  # train_seg's test loss on val, right after the epoch it belongs to
@@ -328,19 +331,17 @@ class _EpochLogger:
         self.sum += loss * n
         self.n += n
         if self.batch % self.per_epoch == 0:
-            epoch = self.batch // self.per_epoch
-            self.pending = {"epoch": epoch, "step": self.batch, "loss": self.sum / max(self.n, 1)}
+            self.pending = (self.batch // self.per_epoch, self.sum / max(self.n, 1))
             self.sum = self.n = 0.0
 
     def flush(self) -> None:
         if self.pending is None:
             return
-        rec, self.pending = self.pending, None
-        if self.val_n:
-            rec["val_loss"] = self.val_sum / self.val_n
-            self.val_sum = self.val_n = 0.0
-        self.ctx.log(**rec)
-        self.ctx.report(rec["epoch"], self.n_epochs, loss=round(rec["loss"], 4))
+        (epoch, loss), self.pending = self.pending, None
+        val_loss = self.val_sum / self.val_n if self.val_n else None
+        self.val_sum = self.val_n = 0.0
+        self.ctx.log_step(epoch, loss=loss, epoch=epoch, lr=float(self.lrs[epoch - 1]), val_loss=val_loss)
+        self.ctx.report(epoch, len(self.lrs), loss=round(loss, 4))
 
 
 @contextlib.contextmanager
@@ -379,29 +380,3 @@ def _no_downloads() -> Iterator[None]:
         yield
     finally:
         cp_utils.download_url_to_file = original
-
-
-@contextlib.contextmanager
-def _deterministic() -> Iterator[None]:
-    """cuDNN in deterministic mode while predicting (restored afterwards); no-op on CPU."""
-    import torch
-
-    cudnn = torch.backends.cudnn
-    saved = (cudnn.deterministic, cudnn.benchmark)
-    cudnn.deterministic, cudnn.benchmark = True, False
-    try:
-        yield
-    finally:
-        cudnn.deterministic, cudnn.benchmark = saved
-
-
-def _seed_everything(seed: int) -> None:
-    """Seeds the network's initial weights. Augmentations need no seed: train_seg reseeds
-    numpy with the epoch number at every epoch, so they are the same in every run."""
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)

@@ -17,6 +17,7 @@ import pytest
 from bench.adapters.base import FitContext
 from bench.metrics import kaggle
 from bench.adapters.registry import ConfigError, build, get, make_config
+from bench.adapters.trainable import VOCABULARY, CheckpointError
 from bench.data.sample import Instances, Sample
 
 DSB = Path("/work/shared/data/stardist_dsb2018")
@@ -31,23 +32,23 @@ def test_registered_with_capabilities():
     assert not cls.capabilities.overlapping_masks
     assert cls.capabilities.trainable
     assert "cellpose>=3.1,<4" in cls.install_hint
+    # the shared vocabulary: every key a real option of the config, named for train_seg
+    assert {"epochs", "lr", "optimizer"} <= set(cls.framework_keys) <= set(VOCABULARY) & set(cls.Config.model_fields)
 
 
 def test_presets_validate():
     smoke = make_config("cellpose", "smoke")
     default = make_config("cellpose", "default")
-    assert smoke.n_epochs < default.n_epochs
-    assert default.sgd and default.learning_rate == 0.2 and default.n_epochs == 500 and default.batch_size == 8
+    assert smoke.epochs < default.epochs
+    assert default.optimizer == "sgd" and default.lr == 0.2 and default.epochs == 500 and default.batch_size == 8
     assert default.min_size < 15  # keeps small cells that Cellpose's default would drop
 
 
 def test_config_errors():
     with pytest.raises(ConfigError, match="no_such_option"):
         make_config("cellpose", "smoke", {"no_such_option": 1})
-    with pytest.raises(ConfigError, match="n_epochs"):
-        make_config("cellpose", "smoke", {"n_epochs": "many"})
-    with pytest.raises(ConfigError, match="norm_percentiles"):
-        make_config("cellpose", "smoke", {"norm_percentiles": [99, 1]})
+    with pytest.raises(ConfigError, match="epochs"):
+        make_config("cellpose", "smoke", {"epochs": "many"})
     with pytest.raises(ConfigError, match="diam_mean"):
         make_config("cellpose", "smoke", {"weights": "/x/cyto3", "diam_mean": 20})
 
@@ -65,6 +66,37 @@ def test_predict_before_fit_is_an_error():
         m.predict([])
 
 
+def test_old_checkpoint_is_refused_clearly(tmp_path):
+    """A folder of the pre-meta.json layout (cellpose.json) names what is missing, before any framework call."""
+    (tmp_path / "cellpose.json").write_text(json.dumps({"config": {}, "diam_mean": 17.0, "diam_labels": 17.0}))
+    (tmp_path / "cellpose_net.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="meta.json"):
+        build("cellpose", ["cell"], preset="smoke").load(tmp_path)
+
+
+def test_input_is_the_shared_policy_in_gray():
+    """Cellpose sees what every model sees (bench.data.normalize), made gray; its options choose it."""
+    from bench.data.normalize import InputPolicy, normalize
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 4096, size=(20, 24, 3)).astype(np.uint16)
+    for opts in ({}, {"input_norm": "fixed"}, {"input_percentiles": [5, 95]}):
+        m = build("cellpose:" + ",".join(f"{k}={v}" for k, v in opts.items()) if opts else "cellpose",
+                  ["cell"], preset="smoke")
+        x = m._prep(rgb)
+        assert x.shape == (20, 24) and x.dtype == np.float32
+        np.testing.assert_array_equal(x, normalize(rgb, InputPolicy.of(m.cfg)).mean(axis=2))
+    assert build("cellpose:input_norm=fixed", ["cell"], preset="smoke")._prep(rgb).max() < 0.1  # 4096 / 65535
+
+
+def test_lr_schedule_is_train_segs():
+    from bench.adapters.cellpose import _lr_schedule
+
+    assert np.allclose(_lr_schedule(0.09, 4), [0.0, 0.01, 0.02, 0.03])  # warm-up only
+    s = _lr_schedule(0.2, 500)
+    assert len(s) == 500 and s[9] == s[399] == 0.2 and s[400] == 0.1 and s[-1] == 0.2 / 2 ** 10
+
+
 # ---- the real framework -----------------------------------------------------------
 def test_cellpose_never_downloads(tmp_path, monkeypatch):
     models = pytest.importorskip("cellpose.models")
@@ -77,7 +109,7 @@ def test_cellpose_never_downloads(tmp_path, monkeypatch):
 
 
 def _tiny_fit_cfg(**more) -> str:
-    opts = dict(n_epochs=4, batch_size=4, nimg_per_epoch=8, bsize=96, learning_rate=0.01,
+    opts = dict(epochs=4, batch_size=4, nimg_per_epoch=8, bsize=96, lr=0.01,
                 flow_threshold=0.0, cellprob_threshold=-1.0)
     opts.update(more)
     return "cellpose:" + ",".join(f"{k}={v}" for k, v in opts.items())
@@ -110,9 +142,11 @@ def test_train_predict_save_load_roundtrip(synth, tmp_path):
     assert curve[-1]["kaggle_map"] == pytest.approx(
         kaggle.quick_map([s.instances for s in val], m.predict(val)))  # the end point is the final model
 
-    # one loss record per epoch, progress up to the end
-    assert [r["epoch"] for r in logs] == [1, 2, 3, 4]
+    # one record per epoch in the shared schema (step = epoch), progress up to the end
+    assert [r["epoch"] for r in logs] == [r["step"] for r in logs] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in logs)
+    assert [r["lr"] for r in logs] == pytest.approx([0.0, 0.01 / 9, 0.02 / 9, 0.03 / 9])  # train_seg's warm-up
+    assert all(0 <= a["seconds"] <= b["seconds"] for a, b in zip(logs, logs[1:]))
     assert progress[-1] == (4, 4)
     assert (tmp_path / "work" / "cellpose" / "models" / "cellpose_net").is_file()  # train_seg's own file
 
@@ -129,8 +163,10 @@ def test_train_predict_save_load_roundtrip(synth, tmp_path):
     assert sum(len(p) for p in preds) > 0, "nothing predicted: the reload comparison would be vacuous"
 
     m.save(tmp_path / "saved")
-    meta = json.loads((tmp_path / "saved" / "cellpose.json").read_text())
-    assert meta["config"]["n_epochs"] == 4 and meta["diam_mean"] > 0
+    meta = json.loads((tmp_path / "saved" / "meta.json").read_text())
+    assert meta["adapter"] == "cellpose" and meta["config"]["epochs"] == 4
+    assert meta["extra"]["diam_mean"] > 0 and meta["extra"]["diam_labels"] > 0
+    assert meta["input_policy"] == {"norm": "percentile", "percentiles": [1.0, 99.8]}
 
     fresh = build("cellpose", synth.classes, preset="smoke")
     fresh.load(tmp_path / "saved")
@@ -142,7 +178,7 @@ def test_train_predict_save_load_roundtrip(synth, tmp_path):
         np.testing.assert_array_equal(p.scores, q.scores)
 
     # fine-tuning from a local weights file: the network keeps the diameter it was trained at
-    tuned = build(_tiny_fit_cfg(weights=tmp_path / "saved" / "cellpose_net.pth", n_epochs=1),
+    tuned = build(_tiny_fit_cfg(weights=tmp_path / "saved" / "cellpose_net.pth", epochs=1),
                   synth.classes, preset="smoke")
     tuned.fit(train, [], tuned.cfg, FitContext(workdir=tmp_path / "work2", seed=0))
     assert tuned._diam_mean == pytest.approx(m._diam_mean)
@@ -180,7 +216,7 @@ def test_beats_watershed_on_real_nuclei(tmp_path):
 
     # nuclei are ~23 px across; working at diam_mean=12 shrinks each crop to ~64 px, so a
     # 64 px training patch holds a whole crop: a quarter of the compute of full resolution
-    m = build("cellpose:n_epochs=30,batch_size=8,nimg_per_epoch=24,bsize=64,diam_mean=12,learning_rate=0.01",
+    m = build("cellpose:epochs=30,batch_size=8,nimg_per_epoch=24,bsize=64,diam_mean=12,lr=0.01",
               classes, preset="smoke")
     m.fit(train, [], m.cfg, FitContext(workdir=tmp_path, seed=0))
     gt = {s.image_id: (s.instances, "nucleus") for s in held}
