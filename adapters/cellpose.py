@@ -37,19 +37,20 @@ Choices worth knowing (all in :class:`CellposeConfig`):
   cell probability (sigmoid of the cellprob output) over its mask, which ranks cells
   for COCO AP.
 
-Per-epoch log records (``step`` = ``epoch``: Cellpose counts epochs): ``train_seg`` has no callback and logs only every tenth epoch, and
-running it in chunks of epochs would restart its learning-rate schedule (warm-up and
-decay are computed from ``n_epochs`` inside the call), its optimiser state and its
-per-epoch seeds. So the whole schedule runs in one ``train_seg`` call and
-:func:`_loss_tap` temporarily wraps ``cellpose.train._loss_fn_seg`` (the module-level
-loss that ``train_seg`` looks up on every batch; restored afterwards, even on error):
-training batches (gradients on) are summed into epochs, which are known exactly since
-this adapter fixes the number of batches per epoch (``ceil(nimg_per_epoch /
+Per-epoch log records (``step`` = ``epoch``: Cellpose counts epochs): ``train_seg`` has no
+callback and logs only every tenth epoch, and running it in chunks of epochs would restart
+its learning-rate schedule (warm-up and decay are computed from ``n_epochs`` inside the
+call), its optimiser state and its per-epoch seeds. So the whole schedule runs in one
+``train_seg`` call and :func:`_loss_tap` temporarily wraps ``cellpose.train._loss_fn_seg``
+(the module-level loss that ``train_seg`` looks up on every batch; restored afterwards,
+even on error): training batches (gradients on) are summed into epochs, which are known
+exactly since this adapter fixes the number of batches per epoch (``ceil(nimg_per_epoch /
 batch_size)``, images with too few masks dropped beforehand); the test batches that
-``train_seg`` evaluates on ``val`` every tenth epoch (gradients off) become
-``val_loss``; ``lr`` is train_seg's schedule (:func:`_lr_schedule`). The wrapper only observes: it returns the original loss unchanged. It
-patches a module attribute, so two Cellpose trainings must not run in one process at
-the same time (the runner trains one model at a time).
+``train_seg`` evaluates on ``val`` every tenth epoch (gradients off) become ``val_loss``;
+``lr`` is train_seg's schedule (:func:`_lr_schedule`). The wrapper only observes: it
+returns the original loss unchanged. It patches a module attribute, so two Cellpose
+trainings must not run in one process at the same time (the runner trains one model at a
+time).
 
 Seeds and cuDNN flags come from :class:`~bench.adapters.trainable.TrainableAdapter` (they seed
 the network's initial weights; augmentations need no seed: ``train_seg`` reseeds numpy with
