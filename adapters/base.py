@@ -16,7 +16,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar, Sequence
+from typing import Callable, ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -33,9 +33,20 @@ class AdapterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
     weights: str | None = None  # local file to start from; never downloaded
+    # the one input policy (bench/data/normalize.py): identical for every model unless overridden
+    input_norm: Literal["percentile", "minmax", "fixed"] = "percentile"
+    input_percentiles: tuple[float, float] = (1.0, 99.8)
     # Kaggle mAP of the validation split every N iterations (epochs for Cellpose) during
     # training, for validation curves; 0: off. Never used for model selection.
     eval_every: int = Field(0, ge=0)
+
+    @field_validator("input_percentiles")
+    @classmethod
+    def _percentiles_ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not 0.0 <= lo < hi <= 100.0:
+            raise ValueError(f"must satisfy 0 <= low < high <= 100, got {list(v)}")
+        return v
 
     # issue 19: no option value may turn into a plausible wrong number
     @field_validator("*", mode="before")
@@ -101,14 +112,34 @@ class FitContext:
     eval_every: int = 0
     log_val: LossLogFn | None = None
     validation_seconds: float = 0.0   # time spent in validate(), taken out of the training time
+    _t0: float | None = None
 
     def report(self, done: int, total: int, **info) -> None:
         if self.progress:
             self.progress(done, total, info)
 
     def log(self, **record) -> None:
+        """One training-log record in the shared schema (see :func:`log_record`)."""
         if self.log_loss:
-            self.log_loss(record)
+            self.log_loss(log_record(record))
+
+    def log_step(self, step: int, loss: float | None = None, parts: dict | None = None, lr: float | None = None,
+                 epoch: int | None = None, seconds: float | None = None, **extra) -> None:
+        """The shared schema spelled out: ``step``, ``epoch``, ``loss``, named loss parts, ``lr``,
+        ``seconds`` (since the start of training when not given)."""
+        import time
+
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+        rec = {"step": int(step), "epoch": epoch, "loss": loss, **(parts or {}), "lr": lr,
+               "seconds": round(time.perf_counter() - self._t0, 4) if seconds is None else seconds, **extra}
+        self.log(**{k: v for k, v in rec.items() if v is not None})
+
+    def start_clock(self) -> None:
+        """Mark the start of training: ``seconds`` of log records count from here."""
+        import time
+
+        self._t0 = time.perf_counter()
 
     @property
     def curve_wanted(self) -> bool:
@@ -196,6 +227,22 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     def load(self, directory: Path) -> None:
         """Restore what ``save`` wrote; predictions must be identical afterwards."""
+
+
+# the one training-log schema: these names, whatever the framework calls them
+LOG_ALIASES = {"iteration": "step", "iter": "step", "time": "seconds", "time_s": "seconds"}
+
+
+def log_record(record: dict) -> dict:
+    """A record in the shared schema (``step``, ``epoch``, ``loss``, loss parts, ``lr``, ``seconds``):
+    framework spellings (``iteration``, ``time``, ``time_s``) are renamed, values made plain floats."""
+    out = {}
+    for k, v in record.items():
+        key = LOG_ALIASES.get(k, k)
+        if hasattr(v, "item"):
+            v = v.item()
+        out[key] = v
+    return out
 
 
 def check_weights_file(path: str | None, what: str = "weights") -> Path | None:

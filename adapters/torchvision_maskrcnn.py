@@ -9,17 +9,17 @@ do not fit (e.g. COCO's 91-class heads) are skipped and counted.
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
 
-from bench.adapters.base import Adapter, AdapterConfig, Capabilities, FitContext, check_weights_file
+from bench.adapters.base import AdapterConfig, Capabilities, FitContext, check_weights_file
 from bench.adapters.registry import register
-from bench.data import rle
+from bench.adapters.trainable import TrainableAdapter, amp_enabled
+from bench.data.masks import instances_from_masks
+from bench.data.normalize import to_rgb
 from bench.data.sample import Instances, Sample
 
 
@@ -54,23 +54,32 @@ class TorchvisionMaskRCNNConfig(AdapterConfig):
     weight_decay: float = 1e-4
     warmup_iters: int = 200
     lr_steps: list[int] = [2000, 2600]
-    gamma: float = 0.1
+    lr_gamma: float = 0.1
     # none: as is; default: horizontal flip + the min_size_train resize (the study's default);
     # extra: + vertical flip, brightness and contrast x0.8-1.2, resize range widened x0.8-1.2
     augment: Literal["none", "default", "extra"] = "default"
     amp: bool = False                # mixed precision; CUDA only (ignored, and logged, on CPU)
     log_every: int = 10
     grad_clip: float | None = 10.0
+    # data-loader processes that build the training batches (mask decoding, augmentation);
+    # 0: in the training process. Pinned memory on CUDA.
+    num_workers: int = 0
 
 
 @register("maskrcnn-tv")
-class TorchvisionMaskRCNN(Adapter):
+class TorchvisionMaskRCNN(TrainableAdapter):
     framework = "torchvision"
     framework_modules = ("torch", "torchvision", "torchvision.ops")
     install_hint = 'pip install "torch===2.13.0" "torchvision==0.28.0"'
     capabilities = Capabilities(predicts_classes=True, overlapping_masks=True)
     Config = TorchvisionMaskRCNNConfig
     warm_start_name = "model.pt"
+    framework_keys = {"iterations": "training loop length", "lr": "SGD/Adam lr", "batch_size": "images per step",
+                      "weight_decay": "weight_decay", "optimizer": "torch.optim.SGD / Adam", "lr_steps": "step decay",
+                      "lr_gamma": "step decay factor", "warmup_iters": "linear warm-up", "amp": "torch.autocast",
+                      "augment": "flips, brightness/contrast, MaskRCNN.transform.min_size",
+                      "eval_every": "validation hook", "log_every": "log interval", "grad_clip": "clip_grad_norm_",
+                      "num_workers": "torch DataLoader num_workers"}
 
     def __init__(self, cfg, classes, device="cpu"):
         super().__init__(cfg, classes, device)
@@ -124,29 +133,23 @@ class TorchvisionMaskRCNN(Adapter):
             self.weights_report = {"loaded": len(fit), "skipped": len(state) - len(fit)}
         return model.to(self.device)
 
-    @staticmethod
-    def _tensor(image: np.ndarray):
+    def _tensor(self, image: np.ndarray):
+        """A raw image -> the 3 x H x W float tensor the network sees (the shared input policy)."""
         import torch
 
-        img = image.astype(np.float32) / (65535.0 if image.dtype == np.uint16 else 255.0)
-        if img.ndim == 2:
-            img = np.repeat(img[None], 3, axis=0)
-        else:
-            img = img.transpose(2, 0, 1)
+        img = to_rgb(self.model_input(image)).transpose(2, 0, 1)
         return torch.from_numpy(np.ascontiguousarray(img))
 
     # ---- training ----------------------------------------------------------------
-    def fit(self, train: Sequence[Sample], val: Sequence[Sample], cfg: AdapterConfig, ctx: FitContext) -> None:
+    def train(self, train: Sequence[Sample], val: Sequence[Sample], ctx: FitContext) -> None:
         import torch
 
-        self.cfg = cfg
-        c: TorchvisionMaskRCNNConfig = cfg  # type: ignore[assignment]
-        torch.manual_seed(ctx.seed)
-        rng = np.random.default_rng(ctx.seed)
-        data = [(self._tensor(s.image), s.instances) for s in train if len(s.instances)]
-        if not data:
+        c: TorchvisionMaskRCNNConfig = self.cfg  # type: ignore[assignment]
+        samples = [s for s in train if len(s.instances)]
+        if not samples:
             raise ValueError("no training image has any instance")
-        vals = torch.cat([d[0][0].flatten() for d in data])
+        images = [self._tensor(s.image) for s in samples]
+        vals = torch.cat([im[0].flatten() for im in images])
         self.pixel_mean, self.pixel_std = float(vals.mean()), float(vals.std().clamp(min=1e-3))
         self.model = self._build()
         self.model.train()
@@ -155,29 +158,23 @@ class TorchvisionMaskRCNN(Adapter):
             opt = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
         else:
             opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
-        use_amp = c.amp and str(self.device).startswith("cuda")
-        if c.amp and not use_amp:
-            ctx.log(iteration=0, note="amp=true ignored: mixed precision needs CUDA")
+        use_amp = amp_enabled(c, self.device, ctx)
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         train_sizes = self._train_sizes(c)
         self.model.transform.min_size = train_sizes
+        loader = self._loader(images, [s.instances for s in samples], ctx.seed)
 
         def lr_at(it: int) -> float:
             warm = min(1.0, (it + 1) / max(c.warmup_iters, 1))
-            return c.lr * warm * c.gamma ** sum(it >= s for s in c.lr_steps)
+            return c.lr * warm * c.lr_gamma ** sum(it >= s for s in c.lr_steps)
 
-        t0 = time.perf_counter()
-        for it in range(c.iterations):
+        for it, batch in enumerate(loader):
             for g in opt.param_groups:
                 g["lr"] = lr_at(it)
-            batch = [data[i] for i in rng.integers(0, len(data), c.batch_size)]
-            images, targets = [], []
-            for img, inst in batch:
-                img, target = self._target(img, inst, rng, c)
-                images.append(img.to(self.device))
-                targets.append({k: v.to(self.device) for k, v in target.items()})
+            imgs = [img.to(self.device, non_blocking=True) for img, _ in batch]
+            targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for _, t in batch]
             with torch.autocast("cuda", enabled=use_amp):
-                losses = self.model(images, targets)
+                losses = self.model(imgs, targets)
                 loss = sum(losses.values())
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"loss is {float(loss)} at iteration {it}: lower lr")
@@ -189,8 +186,7 @@ class TorchvisionMaskRCNN(Adapter):
             scaler.step(opt)
             scaler.update()
             if it % c.log_every == 0 or it == c.iterations - 1:
-                ctx.log(iteration=it + 1, loss=loss.item(), lr=lr_at(it), time=time.perf_counter() - t0,
-                        **{k: v.item() for k, v in losses.items()})
+                ctx.log_step(it + 1, loss=loss.item(), parts={k: v.item() for k, v in losses.items()}, lr=lr_at(it))
             ctx.report(it + 1, c.iterations, loss=loss.item())
             if ctx.validation_due(it + 1, c.iterations):
                 ctx.validate(it + 1, self.predict)
@@ -198,6 +194,20 @@ class TorchvisionMaskRCNN(Adapter):
                 self.model.transform.min_size = train_sizes
         self.model.transform.min_size = (c.min_size,)
         self.model.eval()
+
+    def _loader(self, images: list, instances: list[Instances], seed: int):
+        """Batches of (image, target): drawn with replacement, one augmentation seed per item, both
+        fixed up front, so the batches are the same whatever ``num_workers`` is."""
+        import torch
+
+        c: TorchvisionMaskRCNNConfig = self.cfg  # type: ignore[assignment]
+        rng = np.random.default_rng(seed)
+        picks = rng.integers(0, len(images), c.iterations * c.batch_size)
+        seeds = rng.integers(0, 2 ** 31 - 1, c.iterations * c.batch_size)
+        data = _TrainItems(images, instances, picks, seeds, c)
+        return torch.utils.data.DataLoader(
+            data, batch_size=c.batch_size, shuffle=False, num_workers=c.num_workers, collate_fn=list,
+            pin_memory=str(self.device).startswith("cuda"), persistent_workers=False)
 
     @staticmethod
     def _train_sizes(c: "TorchvisionMaskRCNNConfig") -> tuple[int, ...]:
@@ -208,7 +218,8 @@ class TorchvisionMaskRCNN(Adapter):
             sizes = sorted(set(sizes) | set(np.linspace(lo, hi, 5).round().astype(int).tolist()))
         return tuple(int(x) for x in sizes)
 
-    def _target(self, img, inst: Instances, rng, c: TorchvisionMaskRCNNConfig):
+    @staticmethod
+    def _target(img, inst: Instances, rng, c: TorchvisionMaskRCNNConfig):
         import torch
 
         masks = np.stack([inst.dense(i) for i in range(len(inst))])
@@ -250,42 +261,40 @@ class TorchvisionMaskRCNN(Adapter):
     @staticmethod
     def _to_instances(r, h: int, w: int, thr: float) -> Instances:
         masks = (r["masks"][:, 0] > thr).cpu().numpy()
-        boxes = r["boxes"].cpu().numpy()
-        counts, keep = [], []
-        for i, (m, b) in enumerate(zip(masks, boxes)):
-            # pasted masks may spill a little past their box (torchvision pads the 28x28 grid):
-            # crop a margin around the box and fall back to the whole image if pixels are left out
-            pad_x, pad_y = 2 + 0.15 * (b[2] - b[0]), 2 + 0.15 * (b[3] - b[1])
-            x0, y0 = max(int(b[0] - pad_x), 0), max(int(b[1] - pad_y), 0)
-            x1, y1 = min(int(np.ceil(b[2] + pad_x)), w), min(int(np.ceil(b[3] + pad_y)), h)
-            crop = m[y0:y1, x0:x1]
-            total = int(m.sum())
-            if total == 0:
-                continue
-            if int(crop.sum()) != total:
-                crop, y0, x0 = m, 0, 0
-            counts.append(rle.encode_mask_at(crop, y0, x0, h, w))
-            keep.append(i)
-        keep = np.array(keep, dtype=int)
-        return Instances(h, w, counts, r["labels"].cpu().numpy()[keep] - 1, r["scores"].cpu().numpy()[keep])
+        return instances_from_masks(masks, r["boxes"].cpu().numpy(), r["scores"].cpu().numpy(),
+                                    r["labels"].cpu().numpy() - 1, h, w)
 
     # ---- persistence ----------------------------------------------------------------
-    def save(self, directory: Path) -> None:
+    def save_weights(self, directory: Path) -> None:
         import torch
 
-        directory.mkdir(parents=True, exist_ok=True)
         torch.save(self.model.state_dict(), directory / "model.pt")
-        (directory / "maskrcnn_tv.json").write_text(json.dumps({
-            "config": self.cfg.model_dump(), "classes": self.classes,
-            "pixel_mean": self.pixel_mean, "pixel_std": self.pixel_std}, indent=1))
 
-    def load(self, directory: Path) -> None:
+    def checkpoint_extra(self) -> dict:
+        return {"pixel_mean": self.pixel_mean, "pixel_std": self.pixel_std}
+
+    def restore_extra(self, extra: dict) -> None:
+        self.pixel_mean, self.pixel_std = extra["pixel_mean"], extra["pixel_std"]
+
+    def load_weights(self, directory: Path) -> None:
         import torch
 
-        meta = json.loads((directory / "maskrcnn_tv.json").read_text())
-        self.cfg = self.Config(**{**meta["config"], "weights": None})
-        self.classes, self.pixel_mean, self.pixel_std = meta["classes"], meta["pixel_mean"], meta["pixel_std"]
         self.model = self._build()
         self.model.load_state_dict(torch.load(directory / "model.pt", map_location=self.device, weights_only=True))
         self.model.eval()
 
+
+class _TrainItems:
+    """Training items for torch's DataLoader: item k is image ``picks[k]`` augmented with seed
+    ``seeds[k]`` (masks decoded here, in the loader's workers when there are any)."""
+
+    def __init__(self, images, instances, picks, seeds, cfg):
+        self.images, self.instances, self.picks, self.seeds, self.cfg = images, instances, picks, seeds, cfg
+
+    def __len__(self) -> int:
+        return len(self.picks)
+
+    def __getitem__(self, k: int):
+        i = int(self.picks[k])
+        rng = np.random.default_rng(int(self.seeds[k]))
+        return TorchvisionMaskRCNN._target(self.images[i], self.instances[i], rng, self.cfg)

@@ -34,7 +34,7 @@ def test_maskrcnn_tv_trains_predicts_saves_loads(tiny_synth, tmp_path):
     log, prog = [], []
     ctx = FitContext(tmp_path / "work", "cpu", 0, lambda d, t, i: prog.append((d, t)), log.append)
     a.fit(train, val, cfg, ctx)
-    assert prog[-1] == (6, 6) and [r["iteration"] for r in log] == [1, 3, 5, 6]
+    assert prog[-1] == (6, 6) and [r["step"] for r in log] == [1, 3, 5, 6]
     assert all(np.isfinite(r["loss"]) and "loss_mask" in r for r in log)
     preds = a.predict(val)
     assert len(preds) == 2
@@ -106,3 +106,17 @@ def test_watershed_segments_real_nuclei(shared):
     assert 60 < len(pred) < 250 and pred.scores.max() <= 1.0
     res = evaluate_predictions({"dsb": (s.instances, "nucleus")}, {"dsb": pred}, ["nucleus"], n_resamples=50)
     assert res["kaggle_map"] > 0.2  # nuclei on a dark background: the classical method works here
+
+
+def test_maskrcnn_tv_loader_workers_do_not_change_training(tiny_synth, tmp_path):
+    """Batches and augmentation seeds are fixed up front: two loader processes train the same model."""
+    ds = read_sartorius(tiny_synth)
+    train, val = ds.samples[:6], ds.samples[6:7]
+    preds = []
+    for workers in (0, 2):
+        cfg = make_config("maskrcnn-tv", "smoke", {**TINY_TV, "iterations": 3, "num_workers": workers})
+        a = build("maskrcnn-tv", ds.classes, "smoke")
+        a.fit(train, val, cfg, FitContext(tmp_path / f"w{workers}", "cpu", 0))
+        preds.append(a.predict(val)[0])
+    assert len(preds[0]) == len(preds[1]) > 0
+    np.testing.assert_array_equal(preds[0].scores, preds[1].scores)

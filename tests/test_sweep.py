@@ -76,8 +76,8 @@ def test_sweep_runs_every_variant_and_seed_on_one_split(tmp_path, tiny_synth):
                  .read_text().splitlines()]
     assert "started_from" not in stage_log[0]
     # the stage trains with the base options (4 iterations), the variant's own fit with its options (2)
-    assert [r["iteration"] for r in stage_log] == [1, 2, 3, 4]
-    assert [json.loads(x).get("iteration") for x in log[1:]] == [1, 2]
+    assert [r["step"] for r in stage_log] == [1, 2, 3, 4]
+    assert [json.loads(x).get("step") for x in log[1:]] == [1, 2]
     assert _counts(counter) == 2 * 5 + 2  # 5 variants x 2 seeds + 2 stages
     curve = [json.loads(x) for x in (sweep / "runs/curve/seed0/models/fake/val_curve.jsonl").read_text().splitlines()]
     assert [c["step"] for c in curve] == [2, 4] and curve[-1]["kaggle_map"] == pytest.approx(1.0)
@@ -163,7 +163,7 @@ def test_unknown_variant_and_set_key_are_errors(tmp_path):
     cfg = _sweep_file(tmp_path)
     with pytest.raises(ConfigError, match="nope"):
         run_sweep(cfg, variants=["nope"], out=tmp_path / "sw", echo=lambda *_: None)
-    with pytest.raises(ConfigError, match="no model of this sweep"):
+    with pytest.raises(ConfigError, match="fake has no option 'lr'"):  # --set: every model must have the key
         run_sweep(cfg, sets=parse_sets(["lr=0.1"]), out=tmp_path / "sw", echo=lambda *_: None)
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_sets(["lr"])

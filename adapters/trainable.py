@@ -1,0 +1,211 @@
+"""``TrainableAdapter``: what every trained model shares, written once.
+
+An adapter that trains writes only its framework-specific code: how to build the model,
+how to run the framework's own training with the shared hooks, how to turn raw outputs
+into :class:`~bench.data.sample.Instances`, and how to save/load its weights. Shared, once:
+
+* the **input policy** (:mod:`bench.data.normalize`): :meth:`TrainableAdapter.model_input`;
+* **one hyperparameter vocabulary** (:data:`VOCABULARY`): every trainable adapter spells these
+  options the same way and lists, in ``framework_keys``, the framework's own name for each;
+* **one training-log schema** (``FitContext.log_step``) and one validation-point hook
+  (``FitContext.validation_due`` / ``validate``: the adapter restores its training mode);
+* **seeds, cuDNN flags and AMP gating** (:func:`seed_everything`, :func:`configure_torch`,
+  :func:`amp_enabled`), the same for every model;
+* **one checkpoint layout**: the adapter's weights plus ``meta.json`` (adapter, classes, config,
+  input policy, schema version, adapter extras), checked on load with a clear error;
+* one masks-to-instances path (:func:`bench.data.masks.instances_from_masks`).
+
+Framework imports stay inside functions: importing this module imports no framework.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+
+from bench.adapters.base import Adapter, AdapterConfig, FitContext
+from bench.data.normalize import InputPolicy, normalize
+from bench.data.sample import Sample
+
+CHECKPOINT_SCHEMA = 1
+META_FILE = "meta.json"
+
+# The shared vocabulary of trainable adapters. A model has the key when it has the knob;
+# `--set KEY=VALUE` applies to every model that has it and is an error naming those that do not.
+VOCABULARY: dict[str, str] = {
+    "iterations": "optimiser steps (iteration-based frameworks)",
+    "epochs": "passes over the training images (epoch-based frameworks: Cellpose)",
+    "lr": "base learning rate",
+    "batch_size": "images per optimiser step",
+    "weight_decay": "L2 weight decay",
+    "optimizer": "sgd, adam or adamw (what the framework offers)",
+    "lr_steps": "iterations at which the learning rate is multiplied by lr_gamma",
+    "lr_gamma": "factor of each lr step",
+    "warmup_iters": "linear warm-up iterations",
+    "amp": "mixed precision (CUDA only; ignored, and logged, on CPU)",
+    "augment": "training augmentation: none, default (flips [+ resize]) or extra",
+    "eval_every": "validation-curve point every N iterations/epochs (0: off)",
+    "log_every": "training-log record every N iterations",
+    "grad_clip": "max gradient norm (None: off)",
+    "num_workers": "data-loader worker processes",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that this adapter cannot load: names the folder and the problem."""
+
+
+# ---------------------------------------------------------------------------
+# seeds, cuDNN, AMP: one place, the same for every model
+# ---------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch (CPU and every GPU) seeded alike."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def configure_torch(device: str) -> None:
+    """The same cuDNN settings for every model: deterministic kernels, no autotuning.
+
+    Autotuning (``benchmark=True``) picks kernels by timing them, so two runs of one
+    model could differ, and a model whose framework turns it on would be timed with an
+    advantage the others do not get.
+    """
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    if device.startswith("cuda"):
+        index = torch.device(device).index
+        if index is not None:
+            torch.cuda.set_device(index)
+
+
+def amp_enabled(cfg: AdapterConfig, device: str, ctx: FitContext | None = None) -> bool:
+    """Mixed precision only where asked and on CUDA; asked on CPU is logged, not an error."""
+    asked = bool(getattr(cfg, "amp", False))
+    on_cuda = str(device).startswith("cuda")
+    if asked and not on_cuda and ctx is not None:
+        ctx.log(step=0, note="amp=true ignored: mixed precision needs CUDA")
+    return asked and on_cuda
+
+
+# ---------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------
+
+def write_meta(directory: Path, adapter: "TrainableAdapter", extra: dict | None = None) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {"schema_version": CHECKPOINT_SCHEMA, "adapter": adapter.name, "classes": list(adapter.classes),
+            "config": adapter.cfg.model_dump(mode="json"), "input_policy": adapter.policy.as_dict(),
+            "extra": extra or {}}
+    (directory / META_FILE).write_text(json.dumps(meta, indent=1))
+
+
+def read_meta(directory: Path, adapter_name: str) -> dict:
+    """``meta.json`` of a checkpoint folder, checked: exists, parses, this adapter, this schema."""
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: not a cellbench checkpoint of {adapter_name} (no {META_FILE})")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    if not isinstance(meta, dict) or meta.get("adapter") != adapter_name:
+        raise CheckpointError(f"{path}: a checkpoint of {meta.get('adapter') if isinstance(meta, dict) else '?'!r}, "
+                              f"not of {adapter_name!r}")
+    if meta.get("schema_version") != CHECKPOINT_SCHEMA:
+        raise CheckpointError(f"{path}: checkpoint schema {meta.get('schema_version')!r}, this cellbench reads "
+                              f"{CHECKPOINT_SCHEMA}: retrain or use the cellbench that wrote it")
+    for key in ("classes", "config", "input_policy"):
+        if key not in meta:
+            raise CheckpointError(f"{path}: no {key!r}")
+    return meta
+
+
+# ---------------------------------------------------------------------------
+# the base
+# ---------------------------------------------------------------------------
+
+class TrainableAdapter(Adapter):
+    """Template for trained models: ``fit``/``save``/``load`` here, the framework parts below.
+
+    Subclasses implement :meth:`train` (the framework's own loop, reporting through ``ctx``),
+    :meth:`predict`, :meth:`save_weights` / :meth:`load_weights`, and may add extras to the
+    checkpoint (:meth:`checkpoint_extra` / :meth:`restore_extra`, e.g. pixel statistics).
+    """
+
+    # shared vocabulary key -> the framework's own key (for the README and `bench models`)
+    framework_keys: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, cfg: AdapterConfig, classes: Sequence[str], device: str = "cpu"):
+        super().__init__(cfg, classes, device)
+        self.policy = InputPolicy.of(cfg)
+
+    # ---- shared -----------------------------------------------------------------
+    def model_input(self, image: np.ndarray) -> np.ndarray:
+        """The image as every model sees it: float32 in [0, 1] under the run's input policy."""
+        return normalize(image, self.policy)
+
+    def fit(self, train: Sequence[Sample], val: Sequence[Sample], cfg: AdapterConfig, ctx: FitContext) -> None:
+        self.cfg = cfg
+        self.policy = InputPolicy.of(cfg)
+        seed_everything(ctx.seed)
+        configure_torch(self.device)
+        ctx.start_clock()
+        self.train(train, val, ctx)
+
+    def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.save_weights(directory)
+        write_meta(directory, self, self.checkpoint_extra())
+
+    def load(self, directory: Path) -> None:
+        meta = read_meta(Path(directory), self.name)
+        try:
+            self.cfg = self.Config(**{**meta["config"], "weights": None})
+        except Exception as e:  # pydantic: a config this version does not accept
+            raise CheckpointError(f"{directory}: its config does not fit this cellbench ({e})") from None
+        self.classes = list(meta["classes"])
+        self.policy = InputPolicy.of(self.cfg)
+        configure_torch(self.device)
+        self.restore_extra(meta.get("extra", {}))
+        self.load_weights(Path(directory))
+
+    # ---- framework-specific -------------------------------------------------------------
+    @abc.abstractmethod
+    def train(self, train: Sequence[Sample], val: Sequence[Sample], ctx: FitContext) -> None:
+        """Run the framework's training on ``train`` with ``self.cfg`` (seeded, clock started)."""
+
+    @abc.abstractmethod
+    def save_weights(self, directory: Path) -> None:
+        """Write the weights (the file ``warm_start_name`` names, where the model has one)."""
+
+    @abc.abstractmethod
+    def load_weights(self, directory: Path) -> None:
+        """Rebuild the model from ``self.cfg`` and load the weights ``save_weights`` wrote."""
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """Adapter state beside the weights that prediction needs (pixel statistics, sizes)."""
+        return {}
+
+    def restore_extra(self, extra: dict[str, Any]) -> None:
+        """Inverse of :meth:`checkpoint_extra`."""
