@@ -6,9 +6,17 @@ PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.cellbench-setup
 export MAX_JOBS ?= 2
 
-.PHONY: setup setup-detectron2 test compare bench sweep-smoke clean-venv smoke
+.PHONY: setup setup-detectron2 test test-gpu gpu-wheels gpu-check compare bench sweep-smoke clean-venv smoke
 
 setup: $(STAMP)
+
+# With nvcc on PATH and a GPU that torch sees, mmcv and Detectron2 are built with their CUDA ops
+# for that GPU's architecture (never from pip's cache of a CPU-only build), and setup fails loudly
+# when the ops still say CUDA is not available.
+# (a shell prefix, evaluated when the line runs: torch is installed by then)
+CUDA_BUILD = arch=$$($(BIN)/python -c "import torch; c = torch.cuda.get_device_capability() if torch.cuda.is_available() else None; print('%d.%d' % c if c else '')" 2>/dev/null); \
+	if [ -n "$$arch" ] && command -v nvcc >/dev/null 2>&1; then export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=$$arch PIP_NO_CACHE_DIR=1; echo "building CUDA ops for sm_$$arch"; fi;
+CHECK_MMCV_CUDA = $(BIN)/python -c "import torch, mmcv.ops as o; v = o.get_compiling_cuda_version(); assert not torch.cuda.is_available() or v != 'not available', 'mmcv has no CUDA ops on this GPU machine: make clean-venv setup'; print('mmcv ops: CUDA', v)"
 
 # Order matters (see DEVELOPERS.md): torch with the triple '=' so the CUDA build wins
 # over the local CPU-only wheel; mmcv is an sdist that imports torch and pkg_resources
@@ -18,18 +26,34 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip "setuptools>=77,<81" wheel
 	$(PIP) install -q "torch===2.13.0" "torchvision==0.28.0"
 	$(PIP) install -q -e ".[dev]" "cellpose>=3.1,<4" "mmengine==0.10.7" "setuptools>=77,<81"
-	$(PIP) install -q --no-build-isolation "mmcv==2.1.0"
+	$(CUDA_BUILD) $(PIP) install -q --no-build-isolation "mmcv==2.1.0"
 	$(PIP) install -q "mmdet==3.3.0"
 	$(BIN)/python -c "import torch, torchvision, cellpose, mmcv, mmdet, mmcv.ops; print('setup ok: torch', torch.__version__, 'mmcv', mmcv.__version__, 'mmdet', mmdet.__version__)"
+	$(CHECK_MMCV_CUDA)
 	touch $(STAMP)
 
 # Detectron2 has no registry package: build it from its source (a local checkout or a git URL).
 setup-detectron2: $(STAMP)
 	@test -n "$(D2_SRC)" || (echo "usage: make setup-detectron2 D2_SRC=<path to a detectron2 checkout or its git URL>"; exit 2)
-	case "$(D2_SRC)" in *://*|git@*) $(PIP) install --no-build-isolation "git+$(D2_SRC)" ;; *) $(PIP) install --no-build-isolation -e "$(D2_SRC)" ;; esac
+	$(CUDA_BUILD) case "$(D2_SRC)" in *://*|git@*) $(PIP) install --no-build-isolation "git+$(D2_SRC)" ;; *) $(PIP) install --no-build-isolation -e "$(D2_SRC)" ;; esac
+	$(BIN)/python -c "import torch; from detectron2 import _C; v = _C.has_cuda(); assert not torch.cuda.is_available() or v, 'detectron2 has no CUDA ops on this GPU machine: rebuild with nvcc on PATH'; print('detectron2 ops: CUDA' if v else 'detectron2 ops: CPU build')"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra tests
+
+# the cuda-marked tests: two AMP iterations + predict per adapter, compiled ops on the GPU
+# (each skips cleanly where there is no GPU or its framework)
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -m cuda tests
+
+# The GPU check on a bare CUDA machine (scripts/gpu-check.sh): `make gpu-wheels` here collects
+# what it installs there (no network there), GPU_D2_SRC is a detectron2 checkout to build.
+GPU_WHEELS ?= .whl
+GPU_WORK ?= gpu-check
+gpu-wheels:
+	scripts/gpu-wheels.sh $(GPU_WHEELS)
+gpu-check:
+	scripts/gpu-check.sh $(GPU_WHEELS) $(GPU_WORK) $(GPU_D2_SRC)
 
 MODELS ?= maskrcnn,cascade,cellpose,maskrcnn-tv,watershed
 # the report is written even when some models failed; the exit code is bench run's
