@@ -5,10 +5,14 @@ A. reading the real 56-image annotation csv into samples, vs a per-mask dense nu
 B. scoring, csv in -> Kaggle score out, vs a pycocotools-IoU pipeline and vs
    ``cellpose.metrics.average_precision`` on label images;
 C. peak RSS and time of the full evaluator (Kaggle + COCO AP + bootstrap CIs) on 600 images,
-   in a subprocess.
+   in a subprocess;
+D. harness overhead (:mod:`bench.overhead`): training s/iter and inference ms/img of every
+   trainable adapter through cellbench vs the framework's own loop and predictor, on tiny
+   synthetic data (written to results/bench/overhead.json).
 
-Needs the real annotations in ../shared/data (sections are skipped with a message when data or
-packages are absent) and never downloads anything. Prints a table of figure / target / PASS|FAIL;
+A-C need the real annotations in ../shared/data, D only the frameworks (sections are skipped with
+a message when data or packages are absent); nothing is downloaded. ``--no-overhead`` leaves D
+out; ``--overhead-args "..."`` passes options to it (e.g. ``"--device cuda"``). Prints a table of figure / target / PASS|FAIL;
 exits 0 whatever the figures (timings depend on the machine and its load, printed with them).
 """
 
@@ -371,24 +375,18 @@ def child_score() -> None:
                       "n_resamples": ev.n_resamples, "maxrss_mb": rss_kb / 1024, "vmhwm_mb": _vm("VmHWM")}))
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--child-score"]:
-        child_score()
-        return 0
-    t_all = time.perf_counter()
-    print(f"cellbench benchmarks; {load_note()} (other processes may be loading the CPU)")
-    rows: list[tuple[str, str, str, bool | None]] = []
+def data_sections(rows: list) -> None:
+    """A-C: need the real annotations and pycocotools."""
     shared = shared_data()
     csv_path = shared / REL if shared else None
     if csv_path is None or not csv_path.is_file():
-        print(f"real annotations not found ({REL} under ../shared/data): every section skipped")
-        return 0
+        print(f"real annotations not found ({REL} under ../shared/data): sections A-C skipped")
+        return
     try:
         import pycocotools  # noqa: F401
     except ImportError:
-        print("pycocotools not importable: every section skipped")
-        return 0
+        print("pycocotools not importable: sections A-C skipped")
+        return
     child = start_child()
     try:
         with tempfile.TemporaryDirectory(prefix="cellbench-bench-") as tmp:
@@ -399,6 +397,36 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if child[0].returncode is None:
             finish_child(child, None)
+
+
+def section_d(rows: list, extra_args: list[str]) -> None:
+    import shlex
+
+    from bench import overhead
+
+    print("\n== D. harness overhead: cellbench vs each framework's own training loop and predictor ==")
+    overhead.run(shlex.split(" ".join(extra_args)), out_rows=rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--child-score"]:
+        child_score()
+        return 0
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m bench.benchmarks", description="make bench: cellbench's speed, measured")
+    p.add_argument("--no-overhead", action="store_true", help="leave out section D (harness overhead)")
+    p.add_argument("--overhead-args", default="", help='options for python -m bench.overhead, e.g. "--device cuda"')
+    a = p.parse_args(argv)
+    t_all = time.perf_counter()
+    print(f"cellbench benchmarks; {load_note()} (other processes may be loading the CPU)")
+    rows: list[tuple[str, str, str, bool | None]] = []
+    data_sections(rows)
+    if not a.no_overhead:
+        section_d(rows, [a.overhead_args] if a.overhead_args else [])
+    if not rows:
+        return 0
     print(f"\n== summary ({time.perf_counter() - t_all:.0f} s in all; {load_note()}) ==")
     w = max(len(r[0]) for r in rows)
     print(f"{'figure':<{w}}  {'value':>12}  {'target':>10}  result")
