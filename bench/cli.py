@@ -187,19 +187,24 @@ def run_cmd(models: str = typer.Option(..., "--models", help="Comma-separated sp
                                                              "'cellpose:diam_mean=20,maskrcnn'."),
             data: Optional[str] = typer.Option(None, "--data", help="Dataset; default: built-in synthetic."),
             preset: str = typer.Option("smoke", "--preset", help="smoke | default | paper"),
-            device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+            device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (a CPU-only model "
+                                                                "runs on the CPU and says so)"),
             seed: int = typer.Option(0, "--seed"),
             out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default results/runs/<stamp>)."),
-            resume: bool = typer.Option(False, "--resume", help="Continue --out (or the latest run)."),
+            resume: bool = typer.Option(False, "--resume", help="Continue --out (which must hold a run) or the "
+                                                                "latest run."),
             val: float = typer.Option(0.2, "--val", help="Validation fraction of the split.")):
     """Train and score models on one split; each model in its own process. Exit code = failed models."""
     from bench.adapters.registry import ConfigError
-    from bench.runner.run import run_benchmark, summary_table
+    from bench.runner.run import RunInterrupted, run_benchmark, summary_table
 
     try:
         if data is not None and not Path(data).exists():
             raise DataError(data, "dataset path does not exist")
         run_dir, outcomes = run_benchmark(models.split(","), data, preset, device, seed, out, resume, val)
+    except RunInterrupted as e:  # the worker was stopped and recorded as interrupted: --resume continues
+        typer.secho(f"stopped: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(130)
     except (DataError, ConfigError, OSError, ValueError, RuntimeError) as e:
         _fail(e)
     typer.echo("\n" + summary_table(outcomes))

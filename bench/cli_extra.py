@@ -21,6 +21,17 @@ def _errors():
     return (DataError, ConfigError, OSError, ValueError, RuntimeError)
 
 
+def _notes(lm, run: Path, raw: bool) -> None:
+    """Where the model runs when not where asked (never silently), and a missing tuning."""
+    from bench.store import ModelDir
+
+    if lm.device_note:
+        typer.secho(f"note: {lm.label} {lm.device_note}", fg=typer.colors.YELLOW, err=True)
+    if not raw and lm.tuning is None:
+        typer.secho(f"note: {ModelDir(lm.model_dir).tuning} not found (run `bench tune {run}`): only "
+                    "overlaps are resolved", fg=typer.colors.YELLOW, err=True)
+
+
 @app.command("tune")
 def tune_cmd(run: Path = typer.Argument(..., help="Run folder (results/runs/<stamp>-<hash>)."),
              models: Optional[str] = typer.Option(None, "--models",
@@ -63,7 +74,7 @@ def predict_cmd(run: Path = typer.Option(..., "--run", help="Run folder holding 
                 skip_bad: bool = typer.Option(False, "--skip-bad", help="Report unreadable images and go on "
                                                                         "(default: stop, naming the file)."),
                 label_format: str = typer.Option("png", "--label-format", help="png | tif (uint16 labels)."),
-                device: str = typer.Option("auto", "--device", help="auto | cpu | cuda")):
+                device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")):
     """Run a trained model of a run on new images: predictions file, label images, overlay PNGs.
 
     Applies the tuned post-processing (models/<label>/tuning.json from `bench tune`: overlaps
@@ -74,9 +85,7 @@ def predict_cmd(run: Path = typer.Option(..., "--run", help="Run folder holding 
 
     try:
         lm = load_model(run, model, device)
-        if not raw and lm.tuning is None:
-            typer.secho(f"note: {lm.model_dir / 'tuning.json'} not found (run `bench tune {run}`): only "
-                        "overlaps are resolved", fg=typer.colors.YELLOW, err=True)
+        _notes(lm, run, raw)
         res = predict_folder(lm, images, out, raw=raw, skip_bad=skip_bad, label_format=label_format)
     except _errors() as e:
         _fail(e)
@@ -96,7 +105,7 @@ def submit_cmd(run: Path = typer.Option(..., "--run", help="Run folder holding t
                                                              "anyway: Kaggle rejects them)."),
                skip_bad: bool = typer.Option(False, "--skip-bad", help="Report unreadable images and go on "
                                                                        "(they will be missing from the file)."),
-               device: str = typer.Option("auto", "--device", help="auto | cpu | cuda")):
+               device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")):
     """Write a Kaggle submission (id,predicted; one row per instance; empty row for an image without).
 
     The file is re-read with cellbench's own reader and checked (sorted rows, every image
@@ -109,9 +118,7 @@ def submit_cmd(run: Path = typer.Option(..., "--run", help="Run folder holding t
                              f"{out / 'submission.csv'}"))
     try:
         lm = load_model(run, model, device)
-        if not raw and lm.tuning is None:
-            typer.secho(f"note: {lm.model_dir / 'tuning.json'} not found (run `bench tune {run}`): only "
-                        "overlaps are resolved", fg=typer.colors.YELLOW, err=True)
+        _notes(lm, run, raw)
         res, n_rows = submit_folder(lm, images, out, raw=raw, skip_bad=skip_bad)
     except _errors() as e:
         _fail(e)

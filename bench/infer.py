@@ -11,7 +11,6 @@ overlapping masks) and is checked by re-reading it before it is put in place.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -23,7 +22,8 @@ import numpy as np
 from bench.data.errors import DataError
 from bench.data.io import IMAGE_SUFFIXES, read_image
 from bench.data.sample import Instances, Sample
-from bench.tune import apply_tuning, read_manifest, resolve_label, with_scores
+from bench.store import Job, Manifest, RunDir
+from bench.tune import apply_tuning, with_scores
 
 
 @dataclass
@@ -31,44 +31,47 @@ class LoadedModel:
     adapter: object
     label: str
     model_dir: Path
-    job: dict
-    manifest: dict
+    job: Job
+    manifest: Manifest
     classes: list[str]
     tuning: dict | None
     device: str
+    device_note: str = ""   # why the model runs on another device than asked (the device plan's note)
 
 
 def load_model(run_dir: Path, model: str, device: str = "auto") -> LoadedModel:
-    """The adapter of ``run_dir/models/<model>`` with its checkpoint loaded, and its tuning (if any)."""
-    from bench.adapters import registry
-    from bench.runner.run import resolve_device
+    """The adapter of one model of ``run_dir`` with its checkpoint loaded, and its tuning (if any).
 
-    run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir)
-    label = resolve_label(run_dir, model)
-    mdir = run_dir / "models" / label
-    jpath, ckpt = mdir / "job.json", mdir / "checkpoint"
-    if not jpath.is_file():
-        raise DataError(jpath, f"model {label} has no job.json (was it run by `bench run`?)")
-    job = json.loads(jpath.read_text())
-    if not ckpt.is_dir():
-        raise DataError(ckpt, f"model {label} has no checkpoint (did its training finish?)")
-    name, _ = registry.parse_spec(job["spec"])
+    The device is planned as ``bench run`` plans it (:func:`bench.runner.devices.plan_model`):
+    a model that does not run on the asked device falls back to the CPU only where it declares
+    the CPU, and says so in ``device_note``; otherwise it is refused."""
+    from bench.adapters import registry
+    from bench.runner.devices import plan_model, resolve_device
+
+    run = RunDir(run_dir)
+    manifest = run.read_manifest()
+    md = run.resolve(model)
+    label = md.label
+    if not md.job.is_file():
+        raise DataError(md.job, f"model {label} has no job.json (was it run by `bench run`?)")
+    job = md.read_job()
+    if not md.checkpoint.is_dir():
+        raise DataError(md.checkpoint, f"model {label} has no checkpoint (did its training finish?)")
+    name, _ = registry.parse_spec(job.spec)
     cls = registry.get(name)
     avail = cls.available()
     if not avail.ok:
         raise RuntimeError(f"{name}: not installed here: {avail.hint}")
-    device = resolve_device(device)
-    if device.split(":")[0] not in cls.capabilities.devices:
-        device = "cpu"
-    adapter = cls(cls.Config(**job["config"]), manifest["classes"], device)
+    # the weights are in the checkpoint: a needs_weights model is not refused for want of weights=
+    plan = plan_model(name, cls.capabilities, resolve_device(device), {**job.config, "weights": "checkpoint"})
+    adapter = cls(cls.Config(**job.config), manifest.classes, plan.device)
     try:
-        adapter.load(ckpt)
+        adapter.load(md.checkpoint)
     except (OSError, ValueError, KeyError) as e:
-        raise DataError(ckpt, f"cannot load the checkpoint ({type(e).__name__}: {e})") from None
-    tpath = mdir / "tuning.json"
-    tuning = json.loads(tpath.read_text()) if tpath.is_file() else None
-    return LoadedModel(adapter, label, mdir, job, manifest, list(manifest["classes"]), tuning, device)
+        raise DataError(md.checkpoint, f"cannot load the checkpoint ({type(e).__name__}: {e})") from None
+    note = plan.note if plan.device != plan.requested else ""
+    return LoadedModel(adapter, label, md.path, job, manifest, list(manifest.classes), md.read_tuning(),
+                       plan.device, note)
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -223,7 +226,8 @@ def predict_folder(lm: LoadedModel, images: Path, out: Path, raw: bool = False, 
     res = infer_folder(lm, paths, mode, skip_bad, save, progress)
     post = ("raw" if raw else "tuned" if lm.tuning else "overlaps resolved (no tuning.json: run `bench tune`)")
     write_predictions(out / "predictions.jsonl.gz", res.preds, lm.classes, {
-        "model": lm.job["spec"], "label": lm.label, "run": str(lm.model_dir.parent.parent.resolve()),
+        "model": lm.job.spec, "label": lm.label, "run": str(lm.model_dir.parent.parent.resolve()),
+        "device": lm.device,
         "postprocess": post, "thresholds": (lm.tuning or {}).get("thresholds") if not raw else None,
         "class_source": (lm.tuning or {}).get("class_source") if not raw else None,
         "thresholds_used": res.classes_used, "skipped": [str(p) for p, _ in res.bad]})

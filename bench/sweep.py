@@ -32,9 +32,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bench.adapters import registry
 from bench.adapters.registry import ConfigError
+from bench import store
+from bench.store import RunDir, SweepDir
 from bench.util import atomic_write_json
 
-SWEEP_FILE = "sweep.json"
+SWEEP_FILE = store.SWEEP_MANIFEST
 
 
 class _Strict(BaseModel):
@@ -285,7 +287,7 @@ def run_sweep(config_path: str | Path, seeds: list[int] | None = None, preset: s
         dataset = load_dataset(data_path)
         split = make_split(dataset, cfg.base.val_fraction, cfg.base.split_seed)
         out.mkdir(parents=True, exist_ok=True)
-        write_split(split, out / "split.json")
+        write_split(split, SweepDir(out).split)
         manifest = {
             "kind": "sweep", "name": cfg.name, "config_file": str(config_path), "config": cfg.model_dump(mode="json"),
             "config_hash": config_hash(cfg), "sets": sets, "seeds": seeds, "preset": base_preset,
@@ -313,43 +315,45 @@ def run_sweep(config_path: str | Path, seeds: list[int] | None = None, preset: s
 
 def _run_one(cfg: SweepConfig, v: str, seed: int, out: Path, data_path: str, base_preset: str,
              preset: str | None, device: str, sets: dict, echo, timeout_s, cache: Path) -> dict:
-    from bench.runner.run import builtin_dataset, model_label, run_benchmark
+    from bench.runner.run import builtin_dataset, run_benchmark
 
     variant = cfg.variants[v]
     model = variant_model(cfg, v)
     pre = variant_preset(cfg, v, preset)
     opts = variant_options(cfg, v, sets)
-    run_dir = out / "runs" / v / f"seed{seed}"
+    run_dir = SweepDir(out).run(v, seed).path
     say = lambda msg: echo(f"[{v} seed {seed}] {msg}")  # noqa: E731
     state: dict[str, Any] = {"variant": v, "seed": seed, "model": model, "run_dir": str(run_dir.relative_to(out)),
                              "stages": []}
     weights = None
     for j, st in enumerate(variant.pretrain):
-        st_dir = out / "runs" / v / f"seed{seed}-pretrain{j}"
+        st_dir = SweepDir(out).pretrain_run(v, seed, j).path
         st_opts = stage_options(cfg, v, j, sets)
         if weights:
             st_opts["weights"] = weights
         kw: dict[str, Any] = {}
         if st.data == "split:train+val":
-            st_data, kw = data_path, {"split_file": out / "split.json", "train_on": "train+val"}
+            st_data, kw = data_path, {"split_file": SweepDir(out).split, "train_on": "train+val"}
         elif st.data.startswith("builtin:"):
             st_data = str(builtin_dataset(base_preset, cache, style=st.data.split(":", 1)[1]))
         else:
             st_data = st.data
         say(f"pretrain stage {j} on {st.data}")
-        _, outcomes = run_benchmark([model], st_data, pre, device, seed, st_dir, True, cfg.base.val_fraction,
+        _, outcomes = run_benchmark([model], st_data, pre, device, seed, st_dir, RunDir(st_dir).exists(),
+                                    cfg.base.val_fraction,
                                     overrides={model: st_opts}, echo=say, timeout_s=timeout_s, **kw)
         o = outcomes[0]
         state["stages"].append({"data": st.data, "run_dir": str(st_dir.relative_to(out)), "state": o.state})
         if o.state != "done":
             state.update(state=o.state, detail=f"pretrain stage {j}: {o.detail}")
             return state
-        ckpt = (st_dir / "models" / model_label(model) / "checkpoint").resolve()
+        ckpt = RunDir(st_dir).model_for(model).checkpoint.resolve()
         weights = str(registry.get(model).warm_start_file(ckpt))
     if weights:
         opts["weights"] = weights
-    _, outcomes = run_benchmark([model], data_path, pre, device, seed, run_dir, True, cfg.base.val_fraction,
-                                overrides={model: opts}, split_file=out / "split.json", echo=say,
+    _, outcomes = run_benchmark([model], data_path, pre, device, seed, run_dir, RunDir(run_dir).exists(),
+                                cfg.base.val_fraction,
+                                overrides={model: opts}, split_file=SweepDir(out).split, echo=say,
                                 timeout_s=timeout_s)
     o = outcomes[0]
     state.update(state=o.state, detail=o.detail, label=o.label)

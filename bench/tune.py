@@ -31,7 +31,6 @@ Ties between grid points go to the smallest score threshold, then the smallest a
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -42,6 +41,7 @@ from bench.data.errors import DataError
 from bench.data.sample import Instances
 from bench.metrics.kaggle import match_counts, resolve_overlaps
 from bench.metrics.matching import mask_overlaps
+from bench.store import Manifest, RunDir
 
 SCORE_GRID = tuple(float(x) for x in np.round(np.arange(0.0, 0.951, 0.05), 2))
 AREA_GRID = (0, 10, 20, 40, 60, 80, 120, 160, 250, 400)
@@ -265,73 +265,56 @@ def apply_tuning(pred: Instances, tuning: dict | None, classes: Sequence[str]) -
 
 def run_models(run_dir: Path) -> list[str]:
     """Labels of the run's models that finished predicting (predictions file present)."""
-    mdir = Path(run_dir) / "models"
-    return sorted(p.name for p in mdir.glob("*") if (p / "predictions.jsonl.gz").is_file()) if mdir.is_dir() else []
+    return [m.label for m in RunDir(run_dir).models() if m.predictions.is_file()]
 
 
 def resolve_label(run_dir: Path, model: str) -> str:
     """A model folder name from a label or a spec ('cellpose:diam_mean=20')."""
-    run_dir = Path(run_dir)
-    if (run_dir / "models" / model).is_dir():
-        return model
-    from bench.runner.run import model_label
-
-    label = model_label(model)
-    if (run_dir / "models" / label).is_dir():
-        return label
-    known = sorted(p.name for p in (run_dir / "models").glob("*")) if (run_dir / "models").is_dir() else []
-    raise DataError(run_dir / "models" / label, f"no model {model!r} in this run (models: {', '.join(known) or 'none'})")
+    return RunDir(run_dir).resolve(model).label
 
 
-def read_manifest(run_dir: Path) -> dict:
-    p = Path(run_dir) / "manifest.json"
-    if not p.is_file():
-        raise DataError(p, "not a run folder (no manifest.json)")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(p, f"not JSON ({e})") from None
+def read_manifest(run_dir: Path) -> Manifest:
+    return RunDir(run_dir).read_manifest()
 
 
-def validation_ground_truth(run_dir: Path, manifest: dict) -> tuple[dict[str, tuple[Instances, str]], list[str]]:
+def validation_ground_truth(run_dir: Path, manifest: Manifest) -> tuple[dict[str, tuple[Instances, str]], list[str]]:
     from bench.data.io import load_dataset
     from bench.data.split import read_split
 
-    ds = load_dataset(manifest["data"], require_images=False)
-    split = read_split(Path(run_dir) / "split.json", ds)
+    ds = load_dataset(manifest.data, require_images=False)
+    split = read_split(RunDir(run_dir).split, ds)
     val = ds.subset(split["val"])
     return {s.image_id: (s.instances, s.cell_type(ds.classes)) for s in val}, ds.classes
 
 
 def tune_run(run_dir: Path, models: Sequence[str] | None = None, k: int = 5, seed: int | None = None,
              echo=print) -> dict[str, dict]:
-    """Tune each model of a finished run; writes ``models/<label>/tuning.json`` (only that)."""
+    """Tune each model of a finished run; writes each model's ``tuning.json`` (only that)."""
     from bench.data.predictions import read_predictions
-    from bench.util import atomic_write_json
 
-    run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir)
-    labels = [resolve_label(run_dir, m) for m in models] if models else run_models(run_dir)
+    run = RunDir(run_dir)
+    manifest = run.read_manifest()
+    labels = [run.resolve(m).label for m in models] if models else run_models(run.path)
     if not labels:
-        raise DataError(run_dir / "models", "no model with saved validation predictions in this run")
-    gt, classes = validation_ground_truth(run_dir, manifest)
-    seed = int(manifest.get("seed", 0)) if seed is None else int(seed)
+        raise DataError(run.models_dir, "no model with saved validation predictions in this run")
+    gt, classes = validation_ground_truth(run.path, manifest)
+    seed = int(manifest.seed) if seed is None else int(seed)
     out = {}
     for label in labels:
-        mdir = run_dir / "models" / label
-        ppath = mdir / "predictions.jsonl.gz"
-        if not ppath.is_file():
-            raise DataError(ppath, f"model {label} has no saved validation predictions (did its run finish?)")
-        preds, _ = read_predictions(ppath)
+        md = run.model(label)
+        if not md.predictions.is_file():
+            raise DataError(md.predictions, f"model {label} has no saved validation predictions (did its run "
+                                            "finish?)")
+        preds, _ = read_predictions(md.predictions)
         res = tune_predictions(gt, preds, classes, seed=seed, k=k)
         res["model"] = label
-        res["split_hash"] = manifest.get("split_hash")
-        mpath = mdir / "metrics.json"
-        if mpath.is_file():
-            res["metrics_kaggle_map"] = json.loads(mpath.read_text()).get("kaggle_map")
-        atomic_write_json(mdir / "tuning.json", res)
+        res["split_hash"] = manifest.split_hash
+        metrics = md.read_metrics()
+        if metrics is not None:
+            res["metrics_kaggle_map"] = metrics.get("kaggle_map")
+        md.write_tuning(res)
         out[label] = res
-        echo(f"[{label}] tuned: wrote {mdir / 'tuning.json'}")
+        echo(f"[{label}] tuned: wrote {md.tuning}")
     return out
 
 

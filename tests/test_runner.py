@@ -139,3 +139,243 @@ def test_models_command_lists_everything():
     assert r.exit_code == 0
     for name in ("watershed", "maskrcnn-tv", "cellpose", "cascade", "maskrcnn"):
         assert name in r.output
+
+
+# ---------------------------------------------------------------------------
+# timeouts, kills, interrupts, one writer per run folder (issues 13 and 19)
+# ---------------------------------------------------------------------------
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie nobody reaped yet counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_timeout_is_reported_as_a_timeout_and_takes_the_worker_group(tmp_path, tiny_synth):
+    import time
+
+    counters = tmp_path / "counters"
+    counters.mkdir()
+    spec = f"fake:fit_sleep=300,spawn_child=true,counter_dir={counters}"
+    t0 = time.monotonic()
+    run_dir, out = _run(tmp_path, [spec, "fake"], tiny_synth, timeout_s=8)
+    assert time.monotonic() - t0 < 120
+    assert [o.state for o in out] == ["failed", "done"]  # the next model still runs
+    assert out[0].detail == "timed out after 8 s"
+    status = json.loads((run_dir / "models" / out[0].label / "status.json").read_text())
+    assert status["state"] == "failed" and status["error"] == "timed out after 8 s"
+    assert "signal" not in status["error"] and "memory" not in status["error"]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["models_state"][out[0].label]["detail"] == "timed out after 8 s"
+    child = int((counters / "child.pid").read_text())  # what the worker started went with it
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(child)
+
+
+def test_a_worker_killed_in_fit_is_resumed_from_fit(tmp_path, tiny_synth):
+    counters = tmp_path / "counters"
+    counters.mkdir()
+    spec = f"fake:mode=kill_fit_once,counter_dir={counters}"
+    run_dir, out = _run(tmp_path, [spec], tiny_synth)
+    assert out[0].state == "failed" and out[0].detail == "killed by signal 9 (out of memory?)"
+    mdir = run_dir / "models" / out[0].label
+    status = json.loads((mdir / "status.json").read_text())
+    assert status["stage"] == "fit" and "signal 9" in status["error"]
+    assert not (mdir / "fit.done.json").exists() and not (mdir / "checkpoint").exists()
+    _, out2 = _run(tmp_path, [spec], tiny_synth, out=run_dir, resume=True)
+    assert out2[0].state == "done" and out2[0].metrics["kaggle_map"] == pytest.approx(1.0)
+    assert (counters / "fit.count").read_text() == "2"  # fit ran again, from the start
+    assert (mdir / "fit.done.json").is_file() and (mdir / "checkpoint" / "fake.json").is_file()
+    status = json.loads((mdir / "status.json").read_text())
+    assert status["state"] == "done" and not status.get("error") and not status.get("traceback")
+    assert status.get("stage") is None
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["models_state"][out[0].label]["state"] == "done"
+
+
+def test_resume_of_a_missing_folder_is_an_error(tmp_path, tiny_synth):
+    with pytest.raises(FileNotFoundError, match="holds no run"):
+        _run(tmp_path, ["fake"], tiny_synth, out=tmp_path / "nope", resume=True)
+    assert not (tmp_path / "nope").exists()
+    (tmp_path / "empty").mkdir()  # a folder without a run is no run either
+    with pytest.raises(FileNotFoundError, match="holds no run"):
+        _run(tmp_path, ["fake"], tiny_synth, out=tmp_path / "empty", resume=True)
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+
+    r = CliRunner().invoke(app, ["run", "--models", "fake", "--data", str(tiny_synth), "--device", "cpu",
+                                 "--out", str(tmp_path / "nope"), "--resume"])
+    assert r.exit_code == 2 and "holds no run" in r.output
+    assert not (tmp_path / "nope").exists()
+
+
+def test_a_second_runner_on_a_locked_run_is_refused(tmp_path, tiny_synth):
+    import platform
+
+    from bench.store import RunDir, RunLocked
+
+    run_dir, _ = _run(tmp_path, ["fake"], tiny_synth)
+    with RunDir(run_dir).lock():  # as a runner still working on it would
+        with pytest.raises(RunLocked, match=f"pid {os.getpid()} on host {platform.node()}"):
+            _run(tmp_path, ["fake", "fake:mode=drop_half"], tiny_synth, out=run_dir, resume=True)
+        with pytest.raises(RunLocked):  # a new run into a locked (empty) folder as well
+            (tmp_path / "fresh").mkdir()
+            with RunDir(tmp_path / "fresh").lock():
+                _run(tmp_path, ["fake"], tiny_synth, out=tmp_path / "fresh")
+    assert not (run_dir / "models" / "fake--mode=drop_half").exists()  # nothing ran
+    _, out = _run(tmp_path, ["fake", "fake:mode=drop_half"], tiny_synth, out=run_dir, resume=True)
+    assert [o.state for o in out] == ["done", "done"]  # the lock went with its holder
+
+
+def test_a_running_bench_run_holds_its_folder_and_stops_on_sigterm(tmp_path, tiny_synth):
+    """A real second process: refused while the first runs; SIGTERM reaches the worker, which is
+    marked interrupted (not out of memory); --resume then finishes it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from bench.store import RunLocked
+
+    counters = tmp_path / "counters"
+    counters.mkdir()
+    spec = f"fake:fit_sleep=120,counter_dir={counters}"
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--models", spec, "--data", str(tiny_synth),
+                             "--device", "cpu", "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (counters / "fit.started").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
+            time.sleep(0.2)
+        worker = int((counters / "fit.started").read_text())
+        with pytest.raises(RunLocked, match=f"pid {proc.pid} "):
+            _run(tmp_path, [spec], tiny_synth, out=out, resume=True)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130, proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not _alive(worker)
+    from bench.store import model_label
+
+    label = model_label(spec)
+    mdir = out / "models" / label
+    assert mdir.is_dir(), list((out / "models").iterdir())
+    status = json.loads((mdir / "status.json").read_text())
+    assert status["state"] == "interrupted" and status["error"] == "interrupted by SIGTERM"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["models_state"][label]["state"] == "interrupted"
+
+
+# ---------------------------------------------------------------------------
+# device planning from the adapters' declared capabilities
+# ---------------------------------------------------------------------------
+
+def test_plan_follows_the_declared_capabilities():
+    from bench.adapters.base import Capabilities
+    from bench.runner.devices import DeviceError, plan_model
+
+    both = Capabilities(predicts_classes=True, overlapping_masks=True)
+    cpu_only = Capabilities(predicts_classes=False, overlapping_masks=False, devices=("cpu",), trainable=False)
+    gpu_only = Capabilities(predicts_classes=True, overlapping_masks=True, devices=("cuda",))
+    p = plan_model("maskrcnn-tv", both, "cuda:1")
+    assert (p.device, p.fit, p.resolve_overlaps, p.note) == ("cuda:1", "train", True, "")
+    p = plan_model("watershed", cpu_only, "cuda:1")
+    assert (p.device, p.requested, p.fit, p.resolve_overlaps) == ("cpu", "cuda:1", "skip", False)
+    assert "runs on cpu" in p.note and "not trainable" in p.note
+    assert plan_model("watershed", cpu_only, "cpu").device == "cpu"
+    with pytest.raises(DeviceError, match="cannot run on cpu"):
+        plan_model("gpu-thing", gpu_only, "cpu")
+    assert plan_model("gpu-thing", gpu_only, "cuda:0").device == "cuda:0"
+    needs = Capabilities(predicts_classes=True, overlapping_masks=True, needs_weights=True)
+    with pytest.raises(DeviceError, match="needs a weights file"):
+        plan_model("pretrained", needs, "cpu", {"weights": None})
+    assert plan_model("pretrained", needs, "cpu", {"weights": "/w.pt"}).device == "cpu"
+
+
+def test_resolve_device_keeps_the_index_and_checks_it(monkeypatch):
+    from bench.runner import devices
+
+    monkeypatch.setattr(devices, "_cuda_count", lambda: 0)
+    assert devices.resolve_device("auto") == "cpu"
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        devices.resolve_device("cuda")
+    monkeypatch.setattr(devices, "_cuda_count", lambda: 2)
+    assert devices.resolve_device("auto") == "cuda"
+    assert devices.resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(RuntimeError, match="2 CUDA device"):
+        devices.resolve_device("cuda:2")
+    with pytest.raises(ValueError):
+        devices.resolve_device("gpu")
+
+
+def test_a_cuda_run_puts_cpu_only_models_on_the_cpu_and_records_it(tmp_path, tiny_synth, monkeypatch):
+    from bench.runner import devices, run
+    from bench.runner.run import summary_table
+
+    monkeypatch.setattr(devices, "_cuda_count", lambda: 2)  # a machine with two GPUs, as torch would say
+    monkeypatch.setattr(run, "_gpu_name", lambda d: f"Fake GPU {d}")
+    lines = []
+    run_dir, out = run_benchmark(["fake", "fake-frozen"], str(tiny_synth), "smoke", "cuda:1", 0, tmp_path / "run",
+                                 results=tmp_path / "results", echo=lines.append)
+    assert [o.state for o in out] == ["done", "done"], [o.detail for o in out]
+    assert [o.device for o in out] == ["cpu", "cpu"]
+    m = json.loads((run_dir / "manifest.json").read_text())
+    assert m["device"] == "cuda:1" and m["gpu"] == "Fake GPU cuda:1"
+    assert m["devices"]["fake"]["device"] == "cpu" and m["devices"]["fake"]["requested"] == "cuda:1"
+    assert m["models_state"]["fake"]["device"] == "cpu"
+    job = json.loads((run_dir / "models" / "fake" / "job.json").read_text())
+    assert job["device"] == "cpu" and job["requested_device"] == "cuda:1"
+    metrics = json.loads((run_dir / "models" / "fake" / "metrics.json").read_text())
+    assert metrics["device"] == "cpu" and metrics["requested_device"] == "cuda:1"
+    assert any("runs on cpu" in line and "cuda:1" in line for line in lines)  # said, not silent
+    table = summary_table(out)
+    assert "device" in table.splitlines()[0] and " cpu " in table.splitlines()[1]
+
+
+def test_a_model_that_cannot_run_as_asked_is_refused_before_anything_trains(tmp_path, tiny_synth):
+    from bench.runner.devices import DeviceError
+
+    with pytest.raises(DeviceError, match="fake-gpu cannot run on cpu"):
+        _run(tmp_path, ["fake", "fake-gpu"], tiny_synth)
+    with pytest.raises(DeviceError, match="needs a weights file"):
+        _run(tmp_path, ["fake", "fake-weights"], tiny_synth)
+    assert not (tmp_path / "run").exists()  # not even the first model ran
+
+
+def test_not_trainable_skips_fit_and_declared_flat_masks_are_checked(tmp_path, tiny_synth):
+    run_dir, out = _run(tmp_path, ["fake-frozen", "fake-flat"], tiny_synth)
+    frozen, flat = out
+    assert frozen.state == "done", frozen.detail  # its fit raises if called
+    fd = json.loads((run_dir / "models" / "fake-frozen" / "fit.done.json").read_text())
+    assert fd["skipped"] is True and fd["iterations"] == 0
+    assert frozen.metrics["fit"] == "skipped (not trainable)" and frozen.metrics["overlaps"] == "resolved by score"
+    assert (run_dir / "models" / "fake-frozen" / "checkpoint" / "fake.json").is_file()  # bench predict can load it
+    # fake-flat declares non-overlapping masks but returns the (overlapping) ground truth: not silently fixed
+    assert flat.state == "failed" and "overlap" in flat.detail
+    status = json.loads((run_dir / "models" / "fake-flat" / "status.json").read_text())
+    assert status["stage"] == "evaluate"
+
+
+def test_predict_plans_its_device_like_run(tmp_path, tiny_synth, monkeypatch):
+    from bench.infer import load_model
+    from bench.runner import devices
+
+    run_dir, _ = _run(tmp_path, ["fake"], tiny_synth)
+    lm = load_model(run_dir, "fake", "cpu")
+    assert lm.device == "cpu" and lm.device_note == ""
+    monkeypatch.setattr(devices, "_cuda_count", lambda: 1)
+    lm = load_model(run_dir, "fake", "cuda")
+    assert lm.device == "cpu" and "runs on cpu" in lm.device_note  # said, not silent
+    monkeypatch.setattr(devices, "_cuda_count", lambda: 0)
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        load_model(run_dir, "fake", "cuda")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import csv
 import io
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -23,23 +22,26 @@ from bench.util import atomic_write_text
 
 def load_runs(run_dirs: list[Path]) -> list[dict]:
     """One record per (run, model): metrics if finished, else its state from the manifest."""
+    from bench.store import RunDir
+
     rows = []
     for rd in run_dirs:
-        rd = Path(rd)
-        mpath = rd / "manifest.json"
-        if not mpath.is_file():
-            raise FileNotFoundError(f"{rd}: not a run folder (no manifest.json)")
-        manifest = json.loads(mpath.read_text())
+        run = RunDir(rd)
+        if not run.exists():
+            raise FileNotFoundError(f"{run.path}: not a run folder (no {run.manifest_path.name})")
+        manifest = run.read_manifest().to_dict()
         states = manifest.get("models_state", {})
-        for mdir in sorted((rd / "models").glob("*")) if (rd / "models").is_dir() else []:
-            rec = {"run": rd, "label": mdir.name, "dir": mdir, "manifest": manifest,
-                   "state": states.get(mdir.name, {}).get("state", "unknown"),
-                   "detail": states.get(mdir.name, {}).get("detail", "")}
-            if (mdir / "metrics.json").is_file():
-                rec["metrics"] = json.loads((mdir / "metrics.json").read_text())
+        for md in run.models():
+            rec = {"run": run.path, "label": md.label, "dir": md.path, "manifest": manifest,
+                   "state": states.get(md.label, {}).get("state", "unknown"),
+                   "detail": states.get(md.label, {}).get("detail", "")}
+            metrics = md.read_metrics()
+            if metrics is not None:
+                rec["metrics"] = metrics
                 rec["state"] = "done"
-            if (mdir / "tuning.json").is_file():
-                rec["tuning"] = json.loads((mdir / "tuning.json").read_text())
+            tuning = md.read_tuning()
+            if tuning is not None:
+                rec["tuning"] = tuning
             rows.append(rec)
     return rows
 
@@ -73,7 +75,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
             "infer_ms": _mean([x.get("infer_ms_per_image") for x in t]),
             "peak_rss_mb": _mean([max(x.get("fit_peak_rss_mb") or 0, x.get("predict_peak_rss_mb") or 0) for x in t]),
             "cuda_peak_mb": _mean([x.get("predict_cuda_peak_mb") for x in t]),
-            "device": done[0]["manifest"].get("device"),
+            # where the model ran (a CPU-only model of a cuda run ran on the CPU); older runs: the run's
+            "device": ms[0].get("device") or done[0]["manifest"].get("device"),
             "runs": done,
         }
         tunings = [r["tuning"] for r in done if "tuning" in r]

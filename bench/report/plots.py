@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.store import ModelDir, RunDir
+
 
 def _plt():
     import matplotlib
@@ -118,7 +120,7 @@ def loss_curves(done: list[dict], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = 0
     for r in done:
-        log = r["runs"][0]["dir"] / "train_log.jsonl"
+        log = ModelDir(r["runs"][0]["dir"]).train_log
         if not log.is_file():
             continue
         # the shared schema (FitContext.log_step): every record has `step`; `epoch` where the
@@ -155,12 +157,12 @@ def overlays(done: list[dict], path: Path, n_images: int = 3) -> Path | None:
         ds = load_dataset(manifest["data"])
     except Exception:  # data moved away: the table still stands
         return None
-    split = json.loads((run0["run"] / "split.json").read_text())
+    split = json.loads(RunDir(run0["run"]).split.read_text())
     by_id = ds.by_id()
     ids = split["val"][:n_images]
     preds = {}
     for r in done:
-        p = r["runs"][0]["dir"] / "predictions.jsonl.gz"
+        p = ModelDir(r["runs"][0]["dir"]).predictions
         if p.is_file():
             preds[r["model"]] = read_predictions(p)[0]
     plt = _plt()

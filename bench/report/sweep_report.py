@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 
 from bench.metrics.bootstrap import paired_seeds_images, seeds_images_ci
 from bench.report.leaderboard import _mean, embedded_pngs
+from bench.store import RunDir, SweepDir
 from bench.util import atomic_write_text
 
 COLUMNS = ["variant", "model", "seeds", "kaggle_map", "ci95_low", "ci95_high", "coco_AP", "diff_vs_ref",
@@ -29,14 +29,12 @@ COLUMNS = ["variant", "model", "seeds", "kaggle_map", "ci95_low", "ci95_high", "
            "study_value", "study_reference", "in_sample", "state", "note"]
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
 def load_sweep_results(sweep_dir: Path) -> tuple[dict, list[dict]]:
     """The sweep manifest and one record per variant (in the sweep file's order) with its runs."""
     sweep_dir = Path(sweep_dir)
-    manifest = json.loads((sweep_dir / "sweep.json").read_text())
+    manifest = SweepDir(sweep_dir).read_manifest()
+    if manifest is None:
+        raise FileNotFoundError(f"{sweep_dir}: not a sweep folder (no {SweepDir(sweep_dir).manifest_path.name})")
     cfg = manifest["config"]
     out = []
     for name in manifest.get("variants_run") or list(cfg["variants"]):
@@ -51,10 +49,9 @@ def load_sweep_results(sweep_dir: Path) -> tuple[dict, list[dict]]:
                 rec["states"].append("not run")
                 continue
             rec["states"].append(st.get("state", "unknown"))
-            mdir = sweep_dir / st["run_dir"] / "models" / st.get("label", rec["model"])
-            if (mdir / "metrics.json").is_file():
-                rec["runs"].append({"seed": seed, "metrics": json.loads((mdir / "metrics.json").read_text()),
-                                    "curve": _read_jsonl(mdir / "val_curve.jsonl")})
+            md = RunDir(sweep_dir / st["run_dir"]).model(st.get("label", rec["model"]))
+            if md.has_metrics():
+                rec["runs"].append({"seed": seed, "metrics": md.read_metrics(), "curve": md.read_jsonl("val_curve")})
             elif st.get("detail"):
                 rec["detail"] = st["detail"]
         out.append(rec)

@@ -13,22 +13,22 @@ import importlib.metadata
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from bench import store
 from bench.adapters import registry
 from bench.data.errors import DataError
 from bench.data.io import load_dataset
 from bench.data.split import make_split, read_split, write_split
-from bench.util import atomic_write_json, atomic_write_text
+from bench.runner.devices import DeviceError, plan_model, resolve_device  # noqa: F401 (re-exported)
+from bench.store import DevicePlan, Job, Manifest, RunDir, RunLocked, model_label  # noqa: F401 (re-exported)
 
 RESULTS = Path("results")
 PACKAGES = ("cellbench", "numpy", "scipy", "scikit-image", "pycocotools", "torch", "torchvision", "cellpose",
@@ -43,25 +43,18 @@ SYNTH_VERSION = 1
 @dataclass
 class ModelOutcome:
     label: str
-    state: str          # done | failed | not installed
+    state: str          # done | failed | not installed | interrupted
     detail: str = ""
     metrics: dict = field(default_factory=dict)
+    device: str = ""
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        if device.startswith("cuda"):
-            import torch
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM reached the runner: forwarded to the worker, which is recorded as interrupted."""
 
-            if not torch.cuda.is_available():
-                raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
-        return device
-    try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
+    def __init__(self, signum: int, label: str = ""):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}" + (f" while running {label}" if label else ""))
+        self.signum = signum
 
 
 def builtin_dataset(preset: str, cache: Path | None = None, seed: int = 0, style: str = "sartorius") -> Path:
@@ -110,16 +103,9 @@ def git_commit() -> str | None:
         return None
 
 
-def model_label(spec: str) -> str:
-    """A folder-safe name: 'cellpose:diam_mean=20' -> 'cellpose--diam_mean=20'."""
-    name, opts = registry.parse_spec(spec)
-    tail = ",".join(f"{k}={v}" for k, v in sorted(opts.items()))
-    return re.sub(r"[^A-Za-z0-9_.=,+-]", "_", name + (f"--{tail}" if tail else ""))
-
-
 def latest_run(results: Path = RESULTS) -> Path | None:
-    runs = sorted((results / "runs").glob("*/manifest.json"))
-    return runs[-1].parent if runs else None
+    run = store.latest_run(results)
+    return run.path if run else None
 
 
 def run_benchmark(models: list[str], data: str | None = None, preset: str = "smoke", device: str = "auto",
@@ -133,6 +119,11 @@ def run_benchmark(models: list[str], data: str | None = None, preset: str = "smo
     and nested values that a ``key=value`` string cannot carry), ``split_file`` (a split made
     once for every run of the sweep) and ``train_on="train+val"`` (a stage that retrains on
     every labelled image: its validation scores are in-sample).
+
+    The run folder is locked (:class:`bench.store.RunLock`) from before its manifest is read
+    until the last model is done: a second ``bench run``/``--resume`` on it is refused. Where
+    each model runs is planned here, before anything is spawned (:mod:`bench.runner.devices`).
+    ``resume`` continues ``out`` (or the latest run), which must hold a run.
     """
     if train_on not in ("train", "train+val"):
         raise ValueError(f"train_on must be 'train' or 'train+val', got {train_on!r}")
@@ -148,94 +139,147 @@ def run_benchmark(models: list[str], data: str | None = None, preset: str = "smo
         opts.update((overrides or {}).get(spec, {}))
         configs[spec] = registry.make_config(name, preset, opts, config_root).model_dump(mode="json")
     device = resolve_device(device)
+    # where each model runs; a model that cannot run as asked is refused here, before anything trains
+    plans = {}
+    for spec in specs:
+        name = registry.parse_spec(spec)[0]
+        plans[spec] = plan_model(name, registry.get(name).capabilities, device, configs[spec])
 
-    if resume and out is None:
-        out = latest_run(results)
+    if resume:
         if out is None:
-            raise FileNotFoundError(f"--resume: no earlier run in {results / 'runs'}")
-    if out is not None and (out / "manifest.json").is_file():
+            last = store.latest_run(results)
+            if last is None:
+                raise FileNotFoundError(f"--resume: no earlier run in {results / 'runs'}")
+            out = last.path
+        elif not RunDir(out).exists():
+            raise FileNotFoundError(f"--resume: {out} holds no run (no {store.MANIFEST}); "
+                                    "drop --resume to start a new run there")
+    run = RunDir(out) if out is not None else None
+    if run is not None and run.exists():
         if not resume:
             raise FileExistsError(f"{out} already holds a run: use --resume to continue it or another --out")
-        manifest = json.loads((out / "manifest.json").read_text())
-        data_path = manifest["data"]
-        dataset = load_dataset(data_path)
-        split = read_split(out / "split.json", dataset)
-        if manifest["seed"] != seed or manifest["preset"] != preset:
-            raise ValueError(f"{out}: --resume with seed/preset {seed}/{preset} but the run has "
-                             f"{manifest['seed']}/{manifest['preset']}")
-    else:
-        data_path = str(Path(data).resolve()) if data else str(builtin_dataset(preset, results / "cache").resolve())
-        dataset = load_dataset(data_path)
-        split = read_split(split_file, dataset) if split_file else make_split(dataset, val_fraction, seed)
+        with run.lock():
+            manifest = run.read_manifest()
+            data_path = manifest.data
+            dataset = load_dataset(data_path)
+            split = read_split(run.split, dataset)
+            if manifest.seed != seed or manifest.preset != preset:
+                raise ValueError(f"{out}: --resume with seed/preset {seed}/{preset} but the run has "
+                                 f"{manifest.seed}/{manifest.preset}")
+            if manifest.device != device:
+                echo(f"note: the run was started on {manifest.device}, resumed on {device}")
+            return run.path, _run_models(run, manifest, specs, configs, plans, data_path, split, device, seed,
+                                         echo, timeout_s)
+
+    data_path = str(Path(data).resolve()) if data else str(builtin_dataset(preset, results / "cache").resolve())
+    dataset = load_dataset(data_path)
+    split = read_split(split_file, dataset) if split_file else make_split(dataset, val_fraction, seed)
+    if run is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         key = hashlib.sha256(json.dumps([specs, preset, seed, split["hash"]]).encode()).hexdigest()[:6]
-        out = out or results / "runs" / f"{stamp}-{key}"
-        out.mkdir(parents=True, exist_ok=True)
-        write_split(split, out / "split.json")
-        manifest = {
-            "command": " ".join(sys.argv), "models": specs, "preset": preset, "seed": seed, "device": device,
-            "data": data_path, "builtin_data": data is None, "dataset": dataset.name, "classes": dataset.classes,
-            "split_hash": split["hash"], "dataset_hash": split["dataset_hash"],
-            "n_train": len(split["train"]), "n_val": len(split["val"]), "configs": configs, "train_on": train_on,
-            "packages": package_versions(), "git_commit": git_commit(), "python": sys.version.split()[0],
-            "host": platform.node(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "gpu": _gpu_name(device), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "models_state": {},
-        }
-        atomic_write_json(out / "manifest.json", manifest)
-    for spec in specs:  # resumed runs may add models, never change one
-        if spec not in manifest["models"]:
-            manifest["models"].append(spec)
-            manifest["configs"][spec] = configs[spec]
-        elif manifest["configs"][spec] != configs[spec]:
-            changed = sorted(k for k in set(configs[spec]) | set(manifest["configs"][spec])
-                             if configs[spec].get(k) != manifest["configs"][spec].get(k))
-            raise ValueError(f"{out}: {spec} was started with another config (differs in {changed}); "
-                             "start a new run instead of resuming")
+        run = RunDir(results / "runs" / f"{stamp}-{key}")
+    run.mkdir()
+    with run.lock():
+        if run.exists():  # another process started a run there between our check and the lock
+            raise FileExistsError(f"{run.path} already holds a run: use --resume to continue it or another --out")
+        write_split(split, run.split)
+        manifest = Manifest(
+            command=" ".join(sys.argv), models=list(specs), preset=preset, seed=seed, device=device,
+            data=data_path, builtin_data=data is None, dataset=dataset.name, classes=list(dataset.classes),
+            split_hash=split["hash"], dataset_hash=split["dataset_hash"],
+            n_train=len(split["train"]), n_val=len(split["val"]), configs=dict(configs), train_on=train_on,
+            packages=package_versions(), git_commit=git_commit(), python=sys.version.split()[0],
+            host=platform.node(), platform=platform.platform(), cpu_count=os.cpu_count(),
+            gpu=_gpu_name(device), started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        run.write_manifest(manifest)
+        return run.path, _run_models(run, manifest, specs, configs, plans, data_path, split, device, seed, echo,
+                                     timeout_s)
 
-    echo(f"run {out}  ({len(split['train'])} train / {len(split['val'])} val images, split {split['hash']}, "
+
+def _run_models(run: RunDir, manifest: Manifest, specs: list[str], configs: dict, plans: dict[str, DevicePlan],
+                data_path: str, split: dict, device: str, seed: int, echo, timeout_s) -> list[ModelOutcome]:
+    """The models of a run, one worker each, under the run's lock."""
+    for spec in specs:  # resumed runs may add models, never change one
+        if spec not in manifest.models:
+            manifest.models.append(spec)
+            manifest.configs[spec] = configs[spec]
+        elif manifest.configs[spec] != configs[spec]:
+            changed = sorted(k for k in set(configs[spec]) | set(manifest.configs[spec])
+                             if configs[spec].get(k) != manifest.configs[spec].get(k))
+            raise ValueError(f"{run.path}: {spec} was started with another config (differs in {changed}); "
+                             "start a new run instead of resuming")
+    for spec in specs:
+        manifest.devices[model_label(spec)] = plans[spec].to_dict()
+    run.write_manifest(manifest)
+
+    echo(f"run {run.path}  ({len(split['train'])} train / {len(split['val'])} val images, split {split['hash']}, "
          f"device {device})")
+    for spec in specs:
+        if plans[spec].note:
+            echo(f"[{model_label(spec)}] {plans[spec].note}")
     outcomes = []
     for spec in specs:
-        outcome = _run_model(out, spec, manifest["configs"][spec], data_path, device, seed, echo, timeout_s,
-                             manifest.get("train_on", "train"))
+        try:
+            outcome = _run_model(run, spec, manifest.configs[spec], data_path, plans[spec], seed, echo, timeout_s,
+                                 manifest.train_on)
+        except RunInterrupted as e:
+            manifest.models_state[model_label(spec)] = {"state": "interrupted", "detail": str(e),
+                                                        "device": plans[spec].device}
+            run.write_manifest(manifest)
+            raise
         outcomes.append(outcome)
-        manifest["models_state"][outcome.label] = {"state": outcome.state, "detail": outcome.detail[:2000]}
-        atomic_write_json(out / "manifest.json", manifest)
-    manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    atomic_write_json(out / "manifest.json", manifest)
-    return out, outcomes
+        manifest.models_state[outcome.label] = {"state": outcome.state, "detail": outcome.detail[:2000],
+                                                "device": outcome.device}
+        run.write_manifest(manifest)
+    manifest.finished = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    run.write_manifest(manifest)
+    return outcomes
 
 
 def _gpu_name(device: str) -> str | None:
+    """The name of the GPU ``device`` names (``cuda:1`` -> device 1; ``cuda`` -> the current one)."""
     if not device.startswith("cuda"):
         return None
     import torch
 
-    return torch.cuda.get_device_name(0)
+    return torch.cuda.get_device_name(torch.device(device))
 
 
-def _run_model(run_dir: Path, spec: str, config: dict, data: str, device: str, seed: int, echo,
+# grace between forwarding SIGINT/SIGTERM to a worker's group and killing the group
+KILL_GRACE_S = 10.0
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _run_model(run: RunDir, spec: str, config: dict, data: str, plan: DevicePlan, seed: int, echo,
                timeout_s: float | None, train_on: str = "train") -> ModelOutcome:
     label = model_label(spec)
-    mdir = run_dir / "models" / label
-    mdir.mkdir(parents=True, exist_ok=True)
-    if (mdir / "metrics.json").is_file():
+    md = run.model(label).mkdir()
+    if md.has_metrics():
         echo(f"[{label}] finished earlier: skipped")
-        return ModelOutcome(label, "done", "", json.loads((mdir / "metrics.json").read_text()))
-    cfg_path = mdir / "config.yaml"
-    if cfg_path.is_file():
-        earlier = yaml.safe_load(cfg_path.read_text())
+        m = md.read_metrics()
+        return ModelOutcome(label, "done", "", m, m.get("device") or plan.device)
+    earlier = md.read_config()
+    if earlier is not None:
         if earlier != config:
-            raise ValueError(f"{cfg_path}: the run was started with another config for {label}; "
+            raise ValueError(f"{md.config}: the run was started with another config for {label}; "
                              "start a new run instead of resuming")
     else:
-        atomic_write_text(cfg_path, yaml.safe_dump(config, sort_keys=True))
-    atomic_write_json(mdir / "job.json", {"spec": spec, "label": label, "config": config, "data": data,
-                                          "device": device, "seed": seed, "train_on": train_on})
-    echo(f"[{label}] starting")
+        md.write_config(config)
+    md.write_job(Job(spec=spec, label=label, config=config, data=data, device=plan.device, seed=seed,
+                     train_on=train_on, requested_device=plan.requested, fit=plan.fit,
+                     resolve_overlaps=plan.resolve_overlaps))
+    echo(f"[{label}] starting on {plan.device}")
     t0 = time.perf_counter()
-    with open(mdir / "log.txt", "ab") as log:
-        log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {spec} =====\n".encode())
+    why = None          # the parent's own account of how the worker ended, when the parent ended it
+    interrupted: list[int] = []
+    with open(md.log, "ab") as log:
+        log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {spec} on {plan.device} =====\n".encode())
         log.flush()
         # the worker's output goes to log.txt; its progress bars to our stderr, handed over as an fd
         try:
@@ -247,60 +291,97 @@ def _run_model(run_dir: Path, spec: str, config: dict, data: str, device: str, s
         if progress_fd is not None:
             env["CELLBENCH_PROGRESS_FD"] = str(progress_fd)
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "bench.runner.worker", str(mdir)], stdout=log,
-                                    stderr=subprocess.STDOUT, env=env,
+            # its own session (process group): a timeout or a forwarded signal reaches all it started
+            proc = subprocess.Popen([sys.executable, "-m", "bench.runner.worker", str(md.path)], stdout=log,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                     pass_fds=(progress_fd,) if progress_fd is not None else ())
-            try:
-                code = proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            code = _wait(proc, timeout_s, interrupted)
+            if code is None:  # ran past the timeout: the whole group goes
+                why = f"timed out after {timeout_s:.0f} s"
+                _killpg(proc.pid, signal.SIGKILL)
                 code = proc.wait()
-                _append_status(mdir, "failed", f"timed out after {timeout_s:.0f} s")
-            except KeyboardInterrupt:
-                proc.send_signal(signal.SIGINT)
-                proc.wait()
-                raise
+            _killpg(proc.pid, signal.SIGKILL)  # anything the worker left running in its group
         finally:
             if progress_fd is not None:
                 os.close(progress_fd)
     took = time.perf_counter() - t0
-    status = json.loads((mdir / "status.json").read_text()) if (mdir / "status.json").is_file() else {}
-    if code == 3 or status.get("state") == "not installed":
-        echo(f"[{label}] not installed: {status.get('hint', '')}")
-        return ModelOutcome(label, "not installed", status.get("hint", ""))
-    if code != 0 or not (mdir / "metrics.json").is_file():
-        if code < 0:
-            why = f"killed by signal {-code}" + (" (out of memory?)" if -code == signal.SIGKILL else "")
-        else:
-            why = status.get("error") or f"exit code {code}"
-        _append_status(mdir, "failed", why)
-        echo(f"[{label}] FAILED in stage {status.get('stage')}: {why}  (log: {mdir / 'log.txt'})")
-        return ModelOutcome(label, "failed", why)
-    m = json.loads((mdir / "metrics.json").read_text())
-    echo(f"[{label}] done in {took:.0f} s: Kaggle mAP {m['kaggle_map']:.4f} "
+    status = md.read_status()
+    if interrupted:
+        name = signal.Signals(interrupted[0]).name
+        md.update_status(state="interrupted", error=f"interrupted by {name}", device=plan.device)
+        echo(f"[{label}] interrupted by {name}: `bench run --resume --out {run.path}` continues it")
+        raise RunInterrupted(interrupted[0], label)
+    if code == 3 or (status is not None and status.state == "not installed"):
+        hint = (status.hint if status else "") or ""
+        echo(f"[{label}] not installed: {hint}")
+        return ModelOutcome(label, "not installed", hint, device=plan.device)
+    if why is not None or code != 0 or not md.has_metrics():
+        if why is None:
+            if code < 0:
+                why = f"killed by signal {-code}" + (" (out of memory?)" if -code == signal.SIGKILL else "")
+            else:
+                why = (status.error if status else None) or f"exit code {code}"
+        md.update_status(state="failed", error=why, device=plan.device)
+        echo(f"[{label}] FAILED in stage {status.stage if status else None}: {why}  (log: {md.log})")
+        return ModelOutcome(label, "failed", why, device=plan.device)
+    m = md.read_metrics()
+    echo(f"[{label}] done on {plan.device} in {took:.0f} s: Kaggle mAP {m['kaggle_map']:.4f} "
          f"[{m['kaggle_map_ci95'][0]:.4f}, {m['kaggle_map_ci95'][1]:.4f}]")
-    return ModelOutcome(label, "done", "", m)
+    return ModelOutcome(label, "done", "", m, m.get("device") or plan.device)
 
 
-def _append_status(mdir: Path, state: str, error: str) -> None:
-    p = mdir / "status.json"
-    cur = json.loads(p.read_text()) if p.is_file() else {}
-    cur.update(state=state, error=error)
-    atomic_write_json(p, cur)
+def _wait(proc: subprocess.Popen, timeout_s: float | None, interrupted: list[int]) -> int | None:
+    """The worker's exit code, or None when it runs past ``timeout_s``.
+
+    SIGINT/SIGTERM to the runner are forwarded to the worker's process group (it has its own
+    session, so a terminal's Ctrl-C does not reach it directly) and recorded in
+    ``interrupted``; a group still alive ``KILL_GRACE_S`` later is killed."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    kill_at = None
+
+    def forward(signum, _frame):
+        nonlocal kill_at
+        interrupted.append(signum)
+        _killpg(proc.pid, signum)
+        if kill_at is None:
+            kill_at = time.monotonic() + KILL_GRACE_S
+
+    in_main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    try:
+        while True:
+            step = 0.5
+            if deadline is not None and not interrupted:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                step = min(step, left)
+            try:
+                return proc.wait(timeout=step)
+            except subprocess.TimeoutExpired:
+                pass
+            if kill_at is not None and time.monotonic() >= kill_at:
+                _killpg(proc.pid, signal.SIGKILL)
+                return proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def summary_table(outcomes: list[ModelOutcome]) -> str:
-    rows = ["model                      state          Kaggle mAP [95% CI]          COCO AP   train s   ms/img"]
+    rows = ["model                      state          device  Kaggle mAP [95% CI]          COCO AP   train s   "
+            "ms/img"]
     for o in outcomes:
         if o.state == "done":
             m = o.metrics
             t = m.get("timings", {})
             ci = m["kaggle_map_ci95"]
-            rows.append(f"{o.label:<26} {o.state:<14} {m['kaggle_map']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]   "
+            rows.append(f"{o.label:<26} {o.state:<14} {o.device or '-':<7} {m['kaggle_map']:.4f} "
+                        f"[{ci[0]:.4f}, {ci[1]:.4f}]   "
                         f"{m.get('coco', {}).get('AP', float('nan')):7.4f}  {t.get('train_seconds', 0):8.1f}  "
                         f"{(t.get('infer_ms_per_image') or 0):7.1f}")
         else:
-            rows.append(f"{o.label:<26} {o.state:<14} {o.detail[:60]}")
+            rows.append(f"{o.label:<26} {o.state:<14} {o.device or '-':<7} {o.detail[:60]}")
     return "\n".join(rows)
 
 

@@ -1,16 +1,17 @@
 """One model, one subprocess: fit -> predict -> evaluate, each stage resumable.
 
-Run as ``python -m bench.runner.worker MODEL_DIR``; everything it needs is in
-``MODEL_DIR/job.json`` and the run folder. Each stage writes its outputs atomically
-and finishes by writing a ``<stage>.done.json`` marker, so ``--resume`` skips exactly
-the finished stages and nothing finished is ever rewritten. A crash anywhere leaves
-``status.json`` saying which stage failed and why (the parent also records signals,
-e.g. the OOM killer, that no Python code sees).
+Run as ``python -m bench.runner.worker MODEL_DIR``; everything it needs is in the
+:class:`bench.store.Job` of ``MODEL_DIR`` and the run folder (paths: :mod:`bench.store`).
+Each stage writes its outputs atomically and finishes by writing its stage marker
+(``FitDone``, ``PredictDone``, then the metrics), so ``--resume`` skips exactly the
+finished stages and nothing finished is ever rewritten. A crash anywhere leaves the
+status saying which stage failed and why (the parent also records signals, e.g. the
+OOM killer, that no Python code sees, and timeouts). The device, whether to fit and
+whether the evaluator resolves overlaps come from the parent's plan, in the job.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import sys
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.util import append_jsonl, atomic_write_json
+from bench.store import FitDone, ModelDir, PredictDone, Status
+from bench.util import append_jsonl
 
 EXIT_OK, EXIT_FAILED, EXIT_NOT_INSTALLED = 0, 1, 3
 
@@ -42,14 +44,14 @@ def _cuda_peak_mb(device: str) -> float | None:
         return None
     import torch
 
-    return torch.cuda.max_memory_allocated() / 2 ** 20
+    return torch.cuda.max_memory_allocated(torch.device(device)) / 2 ** 20
 
 
 def _sync(device: str) -> None:
     if device.startswith("cuda") and "torch" in sys.modules:
         import torch
 
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(torch.device(device))
 
 
 class Progress:
@@ -81,13 +83,6 @@ class Progress:
             self.bar.close()
 
 
-def _status(model_dir: Path, **kw) -> None:
-    path = model_dir / "status.json"
-    cur = json.loads(path.read_text()) if path.is_file() else {}
-    cur.update(kw, updated=time.time())
-    atomic_write_json(path, cur)
-
-
 def main(model_dir: Path) -> int:
     from bench.adapters import registry
     from bench.adapters.base import FitContext
@@ -96,39 +91,49 @@ def main(model_dir: Path) -> int:
     from bench.data.split import read_split
     from bench.metrics.evaluator import evaluate_predictions
 
-    job = json.loads((model_dir / "job.json").read_text())
-    run_dir = model_dir.parent.parent
-    name, opts = registry.parse_spec(job["spec"])
+    md = ModelDir(model_dir)
+    job = md.read_job()
+    run = md.run
+    name, opts = registry.parse_spec(job.spec)
     cls = registry.get(name)
     avail = cls.available()
     if not avail.ok:
-        _status(model_dir, state="not installed", hint=avail.hint)
+        md.write_status(Status(state="not installed", hint=avail.hint, device=job.device))
         print(f"{name}: not installed: {avail.hint}", flush=True)
         return EXIT_NOT_INSTALLED
-    cfg = cls.Config(**job["config"])
-    device = job["device"]
-    if device.split(":")[0] not in cls.capabilities.devices:
+    cfg = cls.Config(**job.config)
+    device = job.device
+    if device.split(":")[0] not in cls.capabilities.devices:  # the parent's plan never asks this
         raise RuntimeError(f"{name} does not run on {device} (devices: {cls.capabilities.devices})")
+    if device.startswith("cuda") and ":" in device:
+        import torch
 
-    dataset = load_dataset(job["data"])
-    split = read_split(run_dir / "split.json", dataset)
+        torch.cuda.set_device(torch.device(device))  # cuda:N everywhere, also where an adapter says "cuda"
+
+    dataset = load_dataset(job.data)
+    split = read_split(run.split, dataset)
     train, val = dataset.subset(split["train"]), dataset.subset(split["val"])
-    if job.get("train_on") == "train+val":  # a sweep stage that retrains on everything (scores are in-sample)
+    if job.train_on == "train+val":  # a sweep stage that retrains on everything (scores are in-sample)
         train = dataset.subset(split["train"] + split["val"])
     adapter = cls(cfg, dataset.classes, device)
-    ckpt = model_dir / "checkpoint"
+    ckpt = md.checkpoint
 
     # ---- fit ----------------------------------------------------------------------
-    if (model_dir / "fit.done.json").is_file():
+    if md.fit_done.is_file():
         adapter.load(ckpt)
         print("fit: done earlier, checkpoint loaded", flush=True)
+    elif job.fit == "skip":  # not trainable (declared): nothing to fit, the config is the model
+        md.write_status(Status(state="running", stage="fit", device=device))
+        print(f"fit: skipped ({name} is not trainable)", flush=True)
+        _save_checkpoint(adapter, md)
+        md.write_fit_done(FitDone(skipped=True, peak_rss_mb=_rss_mb(), device=device))
     else:
-        _status(model_dir, state="running", stage="fit")
-        log_path = model_dir / "train_log.jsonl"
+        md.write_status(Status(state="running", stage="fit", device=device))
+        log_path = md.train_log
         log_path.unlink(missing_ok=True)  # an unfinished fit starts over: its log does too
-        curve_path = model_dir / "val_curve.jsonl"
+        curve_path = md.val_curve
         curve_path.unlink(missing_ok=True)
-        bar = Progress(f"{job['label']} train")
+        bar = Progress(f"{job.label} train")
         steps = {"n": 0}
 
         def progress(done, total, info):
@@ -136,47 +141,43 @@ def main(model_dir: Path) -> int:
             steps["total"] = total
             bar(done, total, info)
 
-        ctx = FitContext(model_dir / "work", device, job["seed"], progress,
+        ctx = FitContext(md.work, device, job.seed, progress,
                          lambda rec: append_jsonl(log_path, {**rec, "t": time.time()}),
                          val=list(val), eval_every=int(getattr(cfg, "eval_every", 0) or 0),
                          log_val=lambda rec: append_jsonl(curve_path, {**rec, "t": time.time()}))
         ctx.workdir.mkdir(parents=True, exist_ok=True)
-        _seed_everything(job["seed"])
+        _seed_everything(job.seed)
         t0 = time.perf_counter()
         adapter.fit(list(train), list(val), cfg, ctx)
         train_s = time.perf_counter() - t0 - ctx.validation_seconds
         bar.close()
-        tmp = model_dir / "checkpoint.tmp"
-        _rmtree(tmp)
-        adapter.save(tmp)
-        _rmtree(ckpt)
-        os.replace(tmp, ckpt)
-        atomic_write_json(model_dir / "fit.done.json", {
-            "train_seconds": train_s, "validation_curve_seconds": ctx.validation_seconds,
-            "iterations": steps.get("total", steps["n"]),
-            "seconds_per_iteration": train_s / max(steps.get("total", steps["n"]) or 1, 1),
-            "peak_rss_mb": _rss_mb(), "cuda_peak_mb": _cuda_peak_mb(device)})
+        _save_checkpoint(adapter, md)
+        md.write_fit_done(FitDone(
+            train_seconds=train_s, validation_curve_seconds=ctx.validation_seconds,
+            iterations=steps.get("total", steps["n"]),
+            seconds_per_iteration=train_s / max(steps.get("total", steps["n"]) or 1, 1),
+            peak_rss_mb=_rss_mb(), cuda_peak_mb=_cuda_peak_mb(device), device=device))
 
     # ---- predict --------------------------------------------------------------------
-    pred_path = model_dir / "predictions.jsonl.gz"
-    if (model_dir / "predict.done.json").is_file():
+    pred_path = md.predictions
+    if md.predict_done.is_file():
         preds, _ = read_predictions(pred_path)
     else:
-        _status(model_dir, state="running", stage="predict")
+        md.write_status(Status(state="running", stage="predict", device=device))
         t_io = time.perf_counter()
         samples = list(val)
         for s in samples:  # I/O first, so it is timed apart from inference
             s._image = s.image
         io_s = time.perf_counter() - t_io
-        warmup = min(job.get("warmup", 1), len(samples))
+        warmup = min(job.warmup, len(samples))
         for s in samples[:warmup]:
             adapter.predict([s])
         _sync(device)
         if device.startswith("cuda") and "torch" in sys.modules:
             import torch
 
-            torch.cuda.reset_peak_memory_stats()
-        bar = Progress(f"{job['label']} predict")
+            torch.cuda.reset_peak_memory_stats(torch.device(device))
+        bar = Progress(f"{job.label} predict")
         preds, times = {}, []
         for k, s in enumerate(samples):
             t0 = time.perf_counter()
@@ -186,33 +187,50 @@ def main(model_dir: Path) -> int:
             preds[s.image_id] = out
             bar(k + 1, len(samples))
         bar.close()
-        write_predictions(pred_path, preds, dataset.classes, {"model": job["spec"], "split": split["hash"]})
-        atomic_write_json(model_dir / "predict.done.json", {
-            "images": len(samples), "warmup_images": warmup,
-            "infer_ms_per_image": 1000 * float(np.mean(times)) if times else None,
-            "infer_ms_per_image_median": 1000 * float(np.median(times)) if times else None,
-            "io_ms_per_image": 1000 * io_s / max(len(samples), 1),
-            "peak_rss_mb": _rss_mb(), "cuda_peak_mb": _cuda_peak_mb(device)})
+        write_predictions(pred_path, preds, dataset.classes, {"model": job.spec, "split": split["hash"]})
+        md.write_predict_done(PredictDone(
+            images=len(samples), warmup_images=warmup,
+            infer_ms_per_image=1000 * float(np.mean(times)) if times else None,
+            infer_ms_per_image_median=1000 * float(np.median(times)) if times else None,
+            io_ms_per_image=1000 * io_s / max(len(samples), 1),
+            peak_rss_mb=_rss_mb(), cuda_peak_mb=_cuda_peak_mb(device), device=device))
 
     # ---- evaluate ----------------------------------------------------------------------
-    if not (model_dir / "metrics.json").is_file():
-        _status(model_dir, state="running", stage="evaluate")
+    if not md.has_metrics():
+        md.write_status(Status(state="running", stage="evaluate", device=device))
         gt = {s.image_id: (s.instances, s.cell_type(dataset.classes)) for s in val}
-        res = evaluate_predictions(gt, preds, dataset.classes, resolve_overlaps=True,
-                                   max_dets=job.get("max_dets", 1000), seed=job["seed"])
-        fit_t = json.loads((model_dir / "fit.done.json").read_text())
-        pred_t = json.loads((model_dir / "predict.done.json").read_text())
+        # a model that declares overlapping masks has them resolved by score; one that declares
+        # none is held to it (an overlap is an error)
+        res = evaluate_predictions(gt, preds, dataset.classes, resolve_overlaps=job.resolve_overlaps,
+                                   max_dets=job.max_dets, seed=job.seed)
+        fit_t = md.read_fit_done().to_dict()
+        pred_t = md.read_predict_done().to_dict()
+        fit_t.pop("device", None)
+        pred_t.pop("device", None)
         res["timings"] = {**{f"fit_{k}" if k.startswith(("peak", "cuda")) else k: v for k, v in fit_t.items()},
                           **{f"predict_{k}" if k.startswith(("peak", "cuda")) else k: v for k, v in pred_t.items()}}
-        res["model"] = job["spec"]
-        res["label"] = job["label"]
+        res["model"] = job.spec
+        res["label"] = job.label
+        res["device"] = device
+        res["requested_device"] = job.requested_device or device
+        res["fit"] = "skipped (not trainable)" if fit_t.get("skipped") else "trained"
+        res["overlaps"] = "resolved by score" if job.resolve_overlaps else "none (checked)"
         res["capabilities"] = vars(cls.capabilities) | {"devices": list(cls.capabilities.devices)}
         res["framework"] = {"name": cls.framework, "version": avail.version}
         res["split_hash"] = split["hash"]
-        res["seed"] = job["seed"]
-        atomic_write_json(model_dir / "metrics.json", res)
-    _status(model_dir, state="done", stage=None)
+        res["seed"] = job.seed
+        md.write_metrics(res)
+    md.write_status(Status(state="done", device=device))  # a fresh status: no earlier error stays behind
     return EXIT_OK
+
+
+def _save_checkpoint(adapter, md: ModelDir) -> None:
+    """``checkpoint.tmp`` first, then renamed: a crash never leaves a half checkpoint."""
+    tmp = md.checkpoint_tmp
+    _rmtree(tmp)
+    adapter.save(tmp)
+    _rmtree(md.checkpoint)
+    os.replace(tmp, md.checkpoint)
 
 
 def _seed_everything(seed: int) -> None:
@@ -239,14 +257,32 @@ def _rmtree(p: Path) -> None:
         shutil.rmtree(p)
 
 
+def _exit_with_parent() -> None:
+    """The worker has its own session, so a runner killed outright (SIGKILL: no chance to forward
+    anything) would leave it running and writing into a run folder nobody holds: it stops instead."""
+    import signal
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                print("the runner is gone: stopping", file=sys.stderr, flush=True)
+                os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 if __name__ == "__main__":
-    model_dir = Path(sys.argv[1])
+    _exit_with_parent()
+    model_dir = ModelDir(Path(sys.argv[1]))
     try:
-        code = main(model_dir)
+        code = main(model_dir.path)
     except BaseException as e:  # noqa: BLE001 - record every failure, then exit non-zero
         tb = traceback.format_exc()
         print(tb, file=sys.stderr, flush=True)
-        stage = json.loads((model_dir / "status.json").read_text()).get("stage") if (model_dir / "status.json").is_file() else None
-        _status(model_dir, state="failed", stage=stage, error=f"{type(e).__name__}: {e}", traceback=tb[-4000:])
+        model_dir.update_status(state="failed", error=f"{type(e).__name__}: {e}", traceback=tb[-4000:])
         code = EXIT_FAILED
     sys.exit(code)

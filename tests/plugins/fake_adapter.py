@@ -19,9 +19,12 @@ from bench.adapters.registry import register
 
 
 class FakeConfig(AdapterConfig):
-    mode: Literal["ok", "crash_fit", "crash_predict", "crash_predict_once", "kill", "drop_half"] = "ok"
+    mode: Literal["ok", "crash_fit", "crash_predict", "crash_predict_once", "kill", "kill_fit_once",
+                  "drop_half"] = "ok"
     counter_dir: str = ""
     iterations: int = 3
+    fit_sleep: float = 0.0      # seconds to sleep in fit (timeouts, interrupts)
+    spawn_child: bool = False   # start a long-lived grandchild in fit, its pid in counter_dir/child.pid
 
 
 def _bump(cfg: FakeConfig, what: str) -> int:
@@ -43,9 +46,24 @@ class FakeAdapter(Adapter):
 
     def fit(self, train, val, cfg, ctx):
         self.cfg = cfg
-        _bump(cfg, "fit")
+        n_fit = _bump(cfg, "fit")
         if cfg.mode == "crash_fit":
             raise RuntimeError("fake crash in fit")
+        if cfg.mode == "kill_fit_once" and n_fit == 1:  # as the OOM killer would, mid-fit
+            ctx.log(iteration=0, loss=1.0)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if cfg.spawn_child:
+            import subprocess
+            import sys
+
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+            (Path(cfg.counter_dir) / "child.pid").write_text(str(child.pid))
+        if cfg.fit_sleep:
+            import time
+
+            if cfg.counter_dir:
+                (Path(cfg.counter_dir) / "fit.started").write_text(str(os.getpid()))
+            time.sleep(cfg.fit_sleep)
         if cfg.weights:  # a pretrain stage's checkpoint: record what was started from
             ctx.log(started_from=cfg.weights, n_train=len(train))
         for i in range(cfg.iterations):
@@ -75,3 +93,37 @@ class FakeAdapter(Adapter):
 
     def load(self, directory):
         self.cfg = self.Config(**json.loads((directory / "fake.json").read_text()))
+
+
+# capabilities the runner plans with (bench.runner.devices): one fake per declaration
+
+@register("fake-gpu")
+class FakeGpuOnly(FakeAdapter):
+    """Runs on CUDA only: refused before training on a CPU run."""
+
+    capabilities = Capabilities(predicts_classes=True, overlapping_masks=True, devices=("cuda",))
+
+
+@register("fake-frozen")
+class FakeFrozen(FakeAdapter):
+    """Not trainable: its fit must never be called."""
+
+    capabilities = Capabilities(predicts_classes=True, overlapping_masks=True, devices=("cpu",), trainable=False)
+
+    def fit(self, train, val, cfg, ctx):
+        raise AssertionError("fit called on an adapter that declares trainable=False")
+
+
+@register("fake-weights")
+class FakeNeedsWeights(FakeAdapter):
+    """Cannot run without a weights file."""
+
+    capabilities = Capabilities(predicts_classes=True, overlapping_masks=True, devices=("cpu", "cuda"),
+                                needs_weights=True)
+
+
+@register("fake-flat")
+class FakeFlat(FakeAdapter):
+    """Declares non-overlapping masks (a label image), but returns the ground truth, which overlaps."""
+
+    capabilities = Capabilities(predicts_classes=True, overlapping_masks=False, devices=("cpu",))
