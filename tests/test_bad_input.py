@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import errno
-import gzip
 import json
 import os
 import shutil
