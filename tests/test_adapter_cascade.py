@@ -2,9 +2,9 @@
 
 The framework tests train the real mmdet 3.3.0 on CPU: a tiny network for a few
 iterations on tiny synthetic images (train, predict, save, load, identical predictions),
-a second fit in the same process (no leaked mmengine scope/logger/RNG state) and a start
-from a local mmengine-style checkpoint (which torch's default ``weights_only=True``
-loader rejects).
+a second fit in the same process (no leaked mmengine scope/logger state; the RNGs as the
+base's seeding left them) and a start from a local mmengine-style checkpoint (which
+torch's default ``weights_only=True`` loader rejects).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import pytest
 
 from bench.adapters.base import FitContext
 from bench.adapters.registry import ConfigError, build, get, make_config
+from bench.adapters.trainable import VOCABULARY, seed_everything
 from bench.data.sample import Instances
 
 CLASSES = ["shsy5y", "astro", "cort"]
@@ -29,7 +30,7 @@ CLASSES = ["shsy5y", "astro", "cort"]
 TINY = dict(depth=18, base_channels=32, fpn_channels=32, bbox_fc_channels=64, mask_convs=1,
             rpn_sample_num=64, rcnn_sample_num=64, rpn_train_nms_pre=300, rpn_train_max_per_img=300,
             rpn_nms_pre=300, rpn_max_per_img=200, max_per_img=100, score_thr=0.0,
-            max_iters=4, warmup_iters=2, batch_size=2, num_workers=0, log_interval=2, flip=True)
+            iterations=4, warmup_iters=2, batch_size=2, num_workers=0, log_every=2, augment="default")
 
 
 def _needs_mmdet():
@@ -51,15 +52,24 @@ def test_registered_without_importing_the_framework():
     assert cls.capabilities.trainable and not cls.capabilities.needs_weights
 
 
+def test_shared_vocabulary_and_framework_keys():
+    cls = get("cascade")
+    fields = set(cls.Config.model_fields)
+    assert set(cls.framework_keys) == set(VOCABULARY) & fields  # every shared knob it has, named
+    assert "seed" not in fields  # the run's seed (the base seeds); no per-adapter one
+    assert cls.framework_keys["iterations"].startswith("train_cfg.max_iters")
+    assert cls.framework_keys["batch_size"] == "train_dataloader.batch_size"
+
+
 def test_presets_validate():
     smoke = make_config("cascade", "smoke")
     default = make_config("cascade", "default")
     assert smoke.weights is None and default.weights is None  # from scratch: nothing to download
-    assert smoke.max_iters < default.max_iters and smoke.num_workers == 0
+    assert smoke.iterations < default.iterations and smoke.num_workers == 0
     assert default.depth == 50 and default.fpn_channels == 256
     assert default.max_per_img >= 1000 and default.rpn_max_per_img >= 1000 and default.rpn_nms_pre >= 1000
     assert smoke.max_per_img >= 1000 and 0.33 in smoke.anchor_ratios and 3.0 in smoke.anchor_ratios
-    assert default.lr_steps == sorted(default.lr_steps) and default.lr_steps[-1] < default.max_iters
+    assert default.lr_steps == sorted(default.lr_steps) and default.lr_steps[-1] < default.iterations
 
 
 def test_config_errors():
@@ -68,7 +78,7 @@ def test_config_errors():
     with pytest.raises(ConfigError, match="depth"):
         make_config("cascade", "smoke", {"depth": 42})
     with pytest.raises(ConfigError, match="lr_steps"):
-        make_config("cascade", "smoke", {"max_iters": 100, "lr_steps": [50, 150]})
+        make_config("cascade", "smoke", {"iterations": 100, "lr_steps": [50, 150]})
     with pytest.raises(ConfigError, match="fpn_channels"):
         make_config("cascade", "smoke", {"norm": "GN", "fpn_channels": 48})
     with pytest.raises(ConfigError, match="anchor_ratios"):
@@ -96,12 +106,12 @@ def tiny(tmp_path_factory):
     return ds.samples[:6], ds.samples[6:], ds.classes
 
 
-def _fit(tiny, workdir: Path, curve: list | None = None, **overrides):
+def _fit(tiny, workdir: Path, curve: list | None = None, seed: int = 0, **overrides):
     train, val, classes = tiny
     cfg = make_config("cascade", "smoke", {**TINY, **overrides})
     model = get("cascade")(cfg, classes, "cpu")
     logs, reports = [], []
-    ctx = FitContext(workdir=workdir, seed=0, log_loss=logs.append,
+    ctx = FitContext(workdir=workdir, seed=seed, log_loss=logs.append,
                      progress=lambda done, total, info: reports.append((done, total)),
                      val=val, eval_every=cfg.eval_every, log_val=(curve.append if curve is not None else None))
     model.fit(train, val, cfg, ctx)
@@ -131,7 +141,7 @@ def test_model_config_is_mmdets_cascade_adapted_to_cells():
 
     assert M._mmdet_config_path(M.BASE_CONFIG).is_file()  # shipped with the installed mmdet
     m = build("cascade", CLASSES, preset="default")
-    m.norm = {"range": None, "mean": [128.0] * 3, "std": [11.5] * 3}
+    m.pixel_mean, m.pixel_std = [128.0] * 3, [11.5] * 3
     cfg = m._model_cfg()
     assert cfg["type"] == "CascadeRCNN"
     assert [h["num_classes"] for h in cfg["roi_head"]["bbox_head"]] == [3, 3, 3]
@@ -147,17 +157,27 @@ def test_model_config_is_mmdets_cascade_adapted_to_cells():
 
 
 def test_fit_predict_save_load(trained, tiny, tmp_path):
+    import cv2
+
     model, logs, reports, workdir = trained
-    _, val, _ = tiny
-    # losses every log_interval iterations, progress every iteration
+    train, val, _ = tiny
+    # losses every log_every iterations in the shared schema, progress every iteration
     steps = [r["step"] for r in logs]
     assert steps == [2, 4]
-    assert all(math.isfinite(r["loss"]) and "lr" in r and "s2.loss_mask" in r for r in logs)
+    assert all(math.isfinite(r["loss"]) and r["lr"] > 0 and "s2.loss_mask" in r and r["seconds"] >= 0
+               and not {"iteration", "time", "time_s"} & set(r) for r in logs)
     assert reports[0] == (0, 4) and reports[-1] == (4, 4)
     # the framework's files stay in the model's folder
     assert (workdir / "data" / "train.json").is_file() and (workdir / "mmdet").is_dir()
     coco = json.loads((workdir / "data" / "train.json").read_text())
     assert [c["name"] for c in coco["categories"]] == CLASSES and len(coco["images"]) == 6
+    # the input policy: the training PNG is the array prediction feeds, and bit depth does not matter
+    png = cv2.imread(str(workdir / "data" / "images" / "000000.png"), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(png, model._image(train[0].image))
+    gray8 = train[0].image if train[0].image.ndim == 2 else train[0].image[:, :, 0]
+    x8, x16 = model._image(gray8), model._image(gray8.astype(np.uint16) * 257)
+    assert x8.dtype == np.uint8 and x8.shape == gray8.shape + (3,)
+    assert np.abs(x8.astype(int) - x16).max() <= 1  # equal up to float rounding at .5
 
     preds = model.predict(val)
     assert len(preds) == len(val)
@@ -169,9 +189,14 @@ def test_fit_predict_save_load(trained, tiny, tmp_path):
     assert _same(preds, model.predict(val)) is None  # deterministic
 
     model.save(tmp_path / "saved")
+    meta = json.loads((tmp_path / "saved" / "meta.json").read_text())
+    assert meta["adapter"] == "cascade" and meta["classes"] == CLASSES
+    assert meta["extra"]["pixel_mean"] == model.pixel_mean and meta["extra"]["mmdet_version"]
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["meta.json", "mmdet_model_config.py",
+                                                                       "model.pth"]
     fresh = build("cascade", CLASSES, preset="smoke")
     fresh.load(tmp_path / "saved")
-    assert fresh.cfg == model.cfg and fresh.norm == model.norm
+    assert fresh.cfg == model.cfg and (fresh.pixel_mean, fresh.pixel_std) == (model.pixel_mean, model.pixel_std)
     _same(preds, fresh.predict(val))
 
 
@@ -184,17 +209,14 @@ def test_second_fit_in_one_process_leaks_no_global_state(trained, tiny, tmp_path
     first = trained[0]
     managers = (DefaultScope, MMLogger, MessageHub, Visualizer)
     before = {cls: list(cls._instance_dict) for cls in managers}
-    random.seed(123)
-    np.random.seed(123)
-    torch.manual_seed(123)
+    seed_everything(7)
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     random.seed(123)
-    np.random.seed(123)
-    torch.manual_seed(123)
 
-    second, logs, _ = _fit(tiny, tmp_path / "second", seed=7, max_iters=2, log_interval=1)
+    second, logs, _ = _fit(tiny, tmp_path / "second", seed=7, iterations=2, log_every=1)
 
-    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected  # RNGs untouched
+    # the base seeds the run (seed 7); mmengine's Runner re-seeds and draws, which is undone
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
     assert {cls: list(cls._instance_dict) for cls in managers} == before  # no scope/logger left behind
     assert [r["step"] for r in logs] == [1, 2]
     assert (tmp_path / "second" / "mmdet").is_dir()
@@ -212,8 +234,8 @@ def test_weights_from_a_local_mmengine_checkpoint(trained, tiny, tmp_path):
     with pytest.raises(Exception):  # why the adapter passes weights_only=False for this file
         torch.load(ckpt, map_location="cpu", weights_only=True)
 
-    tuned, _, _ = _fit(tiny, tmp_path / "ft", weights=str(ckpt), max_iters=1, warmup_iters=0,
-                       lr=1e-12, weight_decay=0.0, log_interval=1)
+    tuned, _, _ = _fit(tiny, tmp_path / "ft", weights=str(ckpt), iterations=1, warmup_iters=0,
+                       lr=1e-12, weight_decay=0.0, log_every=1)
     now = tuned.model.state_dict()
     for k, v in sd.items():
         assert torch.allclose(now[k[len("module."):]].float(), v.float(), atol=1e-6), k
@@ -229,7 +251,7 @@ def test_backbone_only_checkpoint_is_prefixed(trained, tmp_path):
     torch.save(backbone, path)
     m = build("cascade", CLASSES, preset="smoke")
     m.cfg = make_config("cascade", "smoke", TINY)
-    m.norm = trained[0].norm
+    m.pixel_mean, m.pixel_std = trained[0].pixel_mean, trained[0].pixel_std
     with M._mm_isolation("cpu"):
         fresh = m._build_model()
         M._load_weights(fresh, path)
@@ -242,7 +264,7 @@ def test_multiscale_training_and_lr_steps(tiny, tmp_path):
     (and BatchNorm instead of GroupNorm)."""
     _needs_mmdet()
     model, logs, _ = _fit(tiny, tmp_path, norm="BN", image_scale=1.5, train_scales=[0.85, 1.19], lr_steps=[2],
-                          max_iters=3, warmup_iters=0, lr=0.01, lr_gamma=0.1, log_interval=1)
+                          iterations=3, warmup_iters=0, lr=0.01, lr_gamma=0.1, log_every=1)
     # the lr each iteration ran with: milestone 2 = after two iterations
     assert [round(r["lr"], 6) for r in logs] == [0.01, 0.01, 0.001]
     _, val, _ = tiny
@@ -250,7 +272,9 @@ def test_multiscale_training_and_lr_steps(tiny, tmp_path):
     assert (p.height, p.width) == (val[0].height, val[0].width)
 
 
-def test_mask_encoding_matches_rle():
+def test_mmdet_results_become_instances():
+    """mmdet's InstanceData (masks, boxes, scores, labels) -> the shared box-cropped encoder:
+    empty masks dropped with their scores and labels, a mask spilling out of its box kept whole."""
     _needs_mmdet()
     import torch
     from mmengine.structures import InstanceData
@@ -259,25 +283,24 @@ def test_mask_encoding_matches_rle():
     from bench.data import rle
 
     rng = np.random.default_rng(0)
-    masks = rng.random((12, 37, 53)) > 0.7
-    masks[0] = False
-    masks[1] = True
-    masks[2] = False
-    masks[2, 0, 0] = masks[2, -1, -1] = True
-    masks[3] = False
-    masks[3, 5:9, 50:] = True
-    pred = InstanceData(masks=torch.from_numpy(masks), scores=torch.linspace(1, 0, 12),
-                        labels=torch.arange(12) % 3)
+    masks = np.zeros((5, 37, 53), bool)
+    masks[1, 5:9, 50:] = True
+    masks[2, 10:20, 10:30] = rng.random((10, 20)) > 0.3
+    masks[3] = True
+    masks[4, 0, 0] = masks[4, -1, -1] = True
+    boxes = np.array([[0, 0, 1, 1], [50, 5, 53, 9], [10, 10, 30, 20], [0, 0, 53, 37], [0, 0, 1, 1]], np.float32)
+    pred = InstanceData(masks=torch.from_numpy(masks), bboxes=torch.from_numpy(boxes),
+                        scores=torch.linspace(1, 0, 5), labels=torch.arange(5) % 3)
     inst = M._to_instances(pred, 37, 53)
-    assert len(inst) == 12 and inst.classes.tolist() == [i % 3 for i in range(12)]
-    for m, c in zip(masks, inst.counts):
-        expected = rle.encode_mask(m)
-        assert c.dtype == expected.dtype and np.array_equal(c, expected)
+    assert len(inst) == 4 and inst.classes.tolist() == [1, 2, 0, 1]
+    assert np.allclose(inst.scores, [0.75, 0.5, 0.25, 0.0])
+    for m, c in zip(masks[1:], inst.counts):
+        assert np.array_equal(c, rle.encode_mask(m))
     assert len(M._to_instances(pred[:0], 37, 53)) == 0
 
 
 def test_fit_is_reproducible_and_mask_heads_are_initialised(tiny, tmp_path):
-    """The fit seeds before building the network, whatever the global RNGs hold; the cascade's
+    """The base seeds before train() builds the network, whatever the global RNGs hold; the cascade's
     mask heads (which mmdet 3.3.0 leaves at PyTorch's default init) get FCNMaskHead's init."""
     _needs_mmdet()
     import torch
@@ -286,7 +309,7 @@ def test_fit_is_reproducible_and_mask_heads_are_initialised(tiny, tmp_path):
     for k in range(2):
         torch.manual_seed(100 + k)
         np.random.seed(100 + k)
-        model, _, _ = _fit(tiny, tmp_path / str(k), max_iters=1, warmup_iters=0, lr=1e-12, weight_decay=0.0)
+        model, _, _ = _fit(tiny, tmp_path / str(k), iterations=1, warmup_iters=0, lr=1e-12, weight_decay=0.0)
         states.append(model.model.state_dict())
     a, b = states
     assert all(torch.equal(a[k], b[k]) for k in a)
