@@ -271,11 +271,10 @@ def _no_option(name: str, key: str) -> str:
     return f"{name} has no option {key!r} (it has {', '.join(option_names(name))})"
 
 
-def parse_opts(items: list[str], models: list[str]) -> dict[str, dict[str, tuple[str, Any]]]:
-    """Repeated ``--opt MODEL.KEY=VALUE`` -> {model: {key: (value text, value)}}.
+def parse_opts(items: list[str], models: list[str] | None = None) -> dict[str, dict[str, tuple[str, Any]]]:
+    """Repeated ``--opt MODEL.KEY=VALUE`` -> {model: {key: (value text, value)}} (a later one wins).
 
-    MODEL must be one of ``models`` and KEY one of its options; a later ``--opt`` for the
-    same model and key wins.
+    With ``models``, MODEL must be one of them and KEY one of its options (:func:`check_opts`).
     """
     out: dict[str, dict[str, tuple[str, Any]]] = {}
     for item in items:
@@ -284,13 +283,23 @@ def parse_opts(items: list[str], models: list[str]) -> dict[str, dict[str, tuple
         model, key = model.strip(), key.strip()
         if not dot or not model or not key:
             raise ConfigError(f"--opt {item!r} is not MODEL.KEY=VALUE")
-        if model not in models:
-            raise ConfigError(f"--opt {item!r}: model {model!r} is not among the models "
-                              f"({', '.join(dict.fromkeys(models)) or 'none'})")
-        if key not in get(model).Config.model_fields:
-            raise ConfigError(f"--opt {item!r}: {_no_option(model, key)}")
+        if not _KEY.match(key):
+            raise ConfigError(f"--opt {item!r}: {key!r} is not a valid option name")
         out.setdefault(model, {})[key] = (raw, value)
+    if models is not None:
+        check_opts(out, models)
     return out
+
+
+def check_opts(opts: dict[str, dict[str, Any]], models: list[str]) -> None:
+    """``--opt`` names one of ``models`` and an option it has, else a ConfigError naming it."""
+    for model, kv in opts.items():
+        if model not in models:
+            raise ConfigError(f"--opt {model}.{next(iter(kv), '')}: model {model!r} is not among the models "
+                              f"({', '.join(dict.fromkeys(models)) or 'none'})")
+        for key in kv:
+            if key not in get(model).Config.model_fields:
+                raise ConfigError(f"--opt {model}.{key}: {_no_option(model, key)}")
 
 
 def parse_sets(items: list[str]) -> dict[str, tuple[str, Any]]:
@@ -333,10 +342,15 @@ def compose_specs(models: str | list[str], opts: list[str] = (), sets: list[str]
     known = registered()
     for i, (name, _) in enumerate(parsed):
         if name not in known:
-            hint = ""
-            if i and "=" not in name and ":" not in specs[i]:
-                hint = f" (if it is an option of {parsed[i - 1][0]!r}, write {name}=VALUE)"
-            raise ConfigError(f"unknown model {name!r}{hint}; known models: {', '.join(known)}")
+            if i and ":" in specs[i - 1] and ":" not in specs[i]:  # likely an option without '='
+                raise ConfigError(f"model {parsed[i - 1][0]!r}: option {name!r} is not key=value, and "
+                                  f"{name!r} is not a model either (unknown model; known models: "
+                                  f"{', '.join(known)})")
+            raise ConfigError(f"unknown model {name!r}; known models: {', '.join(known)}")
+    for spec, (name, items) in zip(specs, parsed):
+        bad = [k for k in items if k not in known[name].Config.model_fields]
+        if bad:
+            raise ConfigError(f"--models {spec!r}: {_no_option(name, bad[0])}")
     names = [n for n, _ in parsed]
     per_model = parse_opts(list(opts), names)
     set_items = parse_sets(list(sets))

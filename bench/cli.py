@@ -183,8 +183,14 @@ def models_cmd():
 
 
 @app.command("run")
-def run_cmd(models: str = typer.Option(..., "--models", help="Comma-separated specs, e.g. "
-                                                             "'cellpose:diam_mean=20,maskrcnn'."),
+def run_cmd(models: str = typer.Option(..., "--models", help="Comma-separated specs NAME[:KEY=VALUE,...], e.g. "
+                                                             "'cellpose:diam_mean=20,maskrcnn-tv:lr_steps=[100,140]"
+                                                             ",watershed' (values are YAML)."),
+            opts: list[str] = typer.Option([], "--opt", help="MODEL.KEY=VALUE: one model's option (repeatable; "
+                                                             "YAML value, e.g. --opt maskrcnn-tv.lr_steps=[100,140]); "
+                                                             "goes over the spec's own."),
+            sets: list[str] = typer.Option([], "--set", help="KEY=VALUE for every model (repeatable); an error "
+                                                             "naming the models that have no such option."),
             data: Optional[str] = typer.Option(None, "--data", help="Dataset; default: built-in synthetic."),
             preset: str = typer.Option("smoke", "--preset", help="smoke | default | paper"),
             device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (a CPU-only model "
@@ -195,13 +201,14 @@ def run_cmd(models: str = typer.Option(..., "--models", help="Comma-separated sp
                                                                 "latest run."),
             val: float = typer.Option(0.2, "--val", help="Validation fraction of the split.")):
     """Train and score models on one split; each model in its own process. Exit code = failed models."""
-    from bench.adapters.registry import ConfigError
+    from bench.adapters.registry import ConfigError, compose_specs
     from bench.runner.run import RunInterrupted, run_benchmark, summary_table
 
     try:
+        specs = compose_specs(models, opts, sets)  # every name, key and value checked before anything runs
         if data is not None and not Path(data).exists():
             raise DataError(data, "dataset path does not exist")
-        run_dir, outcomes = run_benchmark(models.split(","), data, preset, device, seed, out, resume, val)
+        run_dir, outcomes = run_benchmark(specs, data, preset, device, seed, out, resume, val)
     except RunInterrupted as e:  # the worker was stopped and recorded as interrupted: --resume continues
         typer.secho(f"stopped: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(130)

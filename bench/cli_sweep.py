@@ -19,8 +19,12 @@ def sweep_cmd(config: Path = typer.Argument(..., help="Sweep file, e.g. configs/
                                                    "base (variants that name a preset keep theirs)."),
               variants: Optional[str] = typer.Option(None, "--variants", help="Comma-separated subset of "
                                                                               "variants (default: all)."),
-              sets: list[str] = typer.Option([], "--set", help="KEY=VALUE for every variant whose model has "
-                                                               "that option (repeatable), e.g. --set eval_every=50."),
+              sets: list[str] = typer.Option([], "--set", help="KEY=VALUE for every variant run (repeatable; YAML "
+                                                               "value), e.g. --set eval_every=50; an error naming "
+                                                               "the models that have no such option."),
+              opts: list[str] = typer.Option([], "--opt", help="MODEL.KEY=VALUE for the variants of one model "
+                                                               "(repeatable), e.g. --opt cellpose.eval_every=25; "
+                                                               "goes over --set."),
               data: Optional[str] = typer.Option(None, "--data", help="Dataset instead of the file's."),
               device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
               out: Optional[Path] = typer.Option(None, "--out", help="Sweep folder (default "
@@ -30,7 +34,7 @@ def sweep_cmd(config: Path = typer.Argument(..., help="Sweep file, e.g. configs/
               report: bool = typer.Option(True, "--report/--no-report", help="Write the sweep report after.")):
     """Run every variant x seed of an experiment on one split, then report it. Exit code = failed runs."""
     from bench.adapters.registry import ConfigError
-    from bench.sweep import parse_sets, run_sweep
+    from bench.sweep import parse_opts, parse_sets, run_sweep
 
     try:
         try:
@@ -41,7 +45,7 @@ def sweep_cmd(config: Path = typer.Argument(..., help="Sweep file, e.g. configs/
             raise DataError(data, "dataset path does not exist")
         sweep_dir, states = run_sweep(config, seed_list, preset, device, out, resume,
                                       [v.strip() for v in variants.split(",")] if variants else None,
-                                      parse_sets(sets), data)
+                                      parse_sets(sets), data, opts=parse_opts(opts))
     except (ConfigError, DataError, OSError, ValueError, RuntimeError) as e:
         _fail(e)
     typer.echo("")

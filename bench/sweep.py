@@ -154,24 +154,28 @@ def variant_model(cfg: SweepConfig, name: str) -> str:
     return cfg.variants[name].model or cfg.base.model
 
 
-def variant_options(cfg: SweepConfig, name: str, sets: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The variant's own fit: base options (base model only), the variant's options, then --set."""
-    return _layered_options(cfg, name, cfg.variants[name].options, sets)
+def variant_options(cfg: SweepConfig, name: str, sets: dict[str, Any] | None = None,
+                    opts: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The variant's own fit: base options (base model only), the variant's options, --set, --opt."""
+    return _layered_options(cfg, name, cfg.variants[name].options, sets, opts)
 
 
-def stage_options(cfg: SweepConfig, name: str, j: int, sets: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A pretrain stage: base options (base model only), the stage's options, then --set."""
-    return _layered_options(cfg, name, cfg.variants[name].pretrain[j].options, sets)
+def stage_options(cfg: SweepConfig, name: str, j: int, sets: dict[str, Any] | None = None,
+                  opts: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A pretrain stage: base options (base model only), the stage's options, --set, --opt."""
+    return _layered_options(cfg, name, cfg.variants[name].pretrain[j].options, sets, opts)
 
 
-def _layered_options(cfg: SweepConfig, name: str, own: dict[str, Any], sets: dict[str, Any] | None) -> dict[str, Any]:
-    """The base options apply to the base model only (another model has other keys); --set
-    values apply where the model has that option."""
-    opts = dict(cfg.base.options) if cfg.variants[name].model in (None, cfg.base.model) else {}
-    opts.update(own)
-    fields = registry.get(variant_model(cfg, name)).Config.model_fields
-    opts.update({k: val for k, val in (sets or {}).items() if k in fields})
-    return opts
+def _layered_options(cfg: SweepConfig, name: str, own: dict[str, Any], sets: dict[str, Any] | None,
+                     opts: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+    """The base options apply to the base model only (another model has other keys); then the
+    variant's (or stage's) own; then ``--set`` (every model of the plan has its keys:
+    :func:`validate_plan`); then ``--opt`` for this variant's model (the most specific wins)."""
+    out = dict(cfg.base.options) if cfg.variants[name].model in (None, cfg.base.model) else {}
+    out.update(own)
+    out.update(sets or {})
+    out.update((opts or {}).get(variant_model(cfg, name), {}))
+    return out
 
 
 def variant_preset(cfg: SweepConfig, name: str, preset: str | None = None) -> str:
@@ -179,29 +183,36 @@ def variant_preset(cfg: SweepConfig, name: str, preset: str | None = None) -> st
 
 
 def validate_plan(cfg: SweepConfig, where: Path, variants: list[str], preset: str | None,
-                  sets: dict[str, Any]) -> None:
-    """Every variant's (and stage's) config is built before anything trains: a typo fails now."""
+                  sets: dict[str, Any], opts: dict[str, dict[str, Any]] | None = None) -> None:
+    """Every variant's (and stage's) config is built before anything trains: a typo fails now.
+
+    ``--set`` applies to every variant run: a key that any model of the run variants lacks is
+    an error naming those models. ``--opt MODEL.KEY`` needs MODEL among those models.
+    """
     unknown = [v for v in variants if v not in cfg.variants]
     if unknown:
         raise ConfigError(f"{where}: no variant(s) {unknown} (has {', '.join(cfg.variants)})")
+    models = []
+    for v in variants:
+        try:
+            registry.get(variant_model(cfg, v))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: variant {v}: {e}") from None
+        models.append(variant_model(cfg, v))
+    models = list(dict.fromkeys(models))
     if sets:
-        used = set()
-        for v in cfg.variants:
-            try:
-                used |= set(sets) & set(registry.get(variant_model(cfg, v)).Config.model_fields)
-            except ConfigError as e:
-                raise ConfigError(f"{where}: variant {v}: {e}") from None
-        if set(sets) - used:
-            raise ConfigError(f"--set {sorted(set(sets) - used)}: no model of this sweep has such an option")
+        registry.check_sets(sets, models)
+    if opts:
+        registry.check_opts(opts, models)
     for v in variants:
         model, pre = variant_model(cfg, v), variant_preset(cfg, v, preset)
         if pre not in registry.PRESETS:
             raise ConfigError(f"{where}: variant {v}: unknown preset {pre!r}")
         try:
-            registry.make_config(model, pre, variant_options(cfg, v, sets))
+            registry.make_config(model, pre, variant_options(cfg, v, sets, opts))
             for j, st in enumerate(cfg.variants[v].pretrain):
                 _check_stage_data(st.data, j)
-                registry.make_config(model, pre, stage_options(cfg, v, j, sets))
+                registry.make_config(model, pre, stage_options(cfg, v, j, sets, opts))
                 if registry.get(model).warm_start_name is None:
                     raise ConfigError(f"{model} cannot start from its own checkpoint (pretrain stage {j})")
         except ConfigError as e:
@@ -238,8 +249,13 @@ def run_sweep(config_path: str | Path, seeds: list[int] | None = None, preset: s
               device: str = "auto", out: Path | None = None, resume: bool = False,
               variants: list[str] | None = None, sets: dict[str, Any] | None = None,
               data: str | None = None, results: Path = Path("results"), echo=print,
-              timeout_s: float | None = None) -> tuple[Path, dict[str, dict]]:
-    """Run every (chosen) variant x seed; returns the sweep folder and the state of each run."""
+              timeout_s: float | None = None,
+              opts: dict[str, dict[str, Any]] | None = None) -> tuple[Path, dict[str, dict]]:
+    """Run every (chosen) variant x seed; returns the sweep folder and the state of each run.
+
+    ``sets``: ``--set`` values for every model of the chosen variants; ``opts``: ``--opt``
+    values per model name (``{model: {key: value}}``).
+    """
     from bench.data.io import load_dataset
     from bench.data.split import make_split, write_split
     from bench.runner.run import builtin_dataset, git_commit, package_versions, resolve_device
@@ -264,14 +280,16 @@ def run_sweep(config_path: str | Path, seeds: list[int] | None = None, preset: s
         # what the sweep was started with holds unless given again, and then it must agree
         preset = preset or manifest["preset"]
         sets = manifest["sets"] if sets is None or sets == {} else dict(sets)
-        if manifest["config_hash"] != config_hash(cfg) or manifest["sets"] != sets:
-            raise ValueError(f"{config_path} (or --set) changed since {out} was started: start a new sweep")
+        opts = manifest.get("opts", {}) if not opts else dict(opts)
+        if (manifest["config_hash"] != config_hash(cfg) or manifest["sets"] != sets
+                or manifest.get("opts", {}) != opts):
+            raise ValueError(f"{config_path} (or --set/--opt) changed since {out} was started: start a new sweep")
         if manifest["preset"] != preset:
             raise ValueError(f"{out}: --resume with preset {preset} but the sweep has {manifest['preset']}")
         if data is not None and str(Path(data).resolve()) != manifest["data"]:
             raise ValueError(f"{out}: --resume with --data {data} but the sweep runs on {manifest['data']}")
-    sets = dict(sets or {})
-    validate_plan(cfg, config_path, chosen, preset, sets)
+    sets, opts = dict(sets or {}), {m: dict(kv) for m, kv in (opts or {}).items()}
+    validate_plan(cfg, config_path, chosen, preset, sets, opts)
     base_preset = preset or cfg.base.preset
     device = resolve_device(device)
 
@@ -290,7 +308,7 @@ def run_sweep(config_path: str | Path, seeds: list[int] | None = None, preset: s
         write_split(split, SweepDir(out).split)
         manifest = {
             "kind": "sweep", "name": cfg.name, "config_file": str(config_path), "config": cfg.model_dump(mode="json"),
-            "config_hash": config_hash(cfg), "sets": sets, "seeds": seeds, "preset": base_preset,
+            "config_hash": config_hash(cfg), "sets": sets, "opts": opts, "seeds": seeds, "preset": base_preset,
             "variants_run": [], "device": device, "data": data_path, "builtin_data": not (data or cfg.base.data),
             "split_hash": split["hash"], "n_train": len(split["train"]), "n_val": len(split["val"]),
             "command": " ".join(sys.argv), "packages": package_versions(), "git_commit": git_commit(),
@@ -304,8 +322,8 @@ def run_sweep(config_path: str | Path, seeds: list[int] | None = None, preset: s
     for v in chosen:
         for seed in seeds:
             key = f"{v}/seed{seed}"
-            state = _run_one(cfg, v, seed, out, data_path, base_preset, preset, device, sets, echo, timeout_s,
-                             results / "cache")
+            state = _run_one(cfg, v, seed, out, data_path, base_preset, preset, device, sets, opts, echo,
+                             timeout_s, results / "cache")
             manifest["runs"][key] = state
             atomic_write_json(manifest_path, manifest)
     manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -314,13 +332,13 @@ def run_sweep(config_path: str | Path, seeds: list[int] | None = None, preset: s
 
 
 def _run_one(cfg: SweepConfig, v: str, seed: int, out: Path, data_path: str, base_preset: str,
-             preset: str | None, device: str, sets: dict, echo, timeout_s, cache: Path) -> dict:
+             preset: str | None, device: str, sets: dict, opts: dict, echo, timeout_s, cache: Path) -> dict:
     from bench.runner.run import builtin_dataset, run_benchmark
 
     variant = cfg.variants[v]
     model = variant_model(cfg, v)
     pre = variant_preset(cfg, v, preset)
-    opts = variant_options(cfg, v, sets)
+    own = variant_options(cfg, v, sets, opts)
     run_dir = SweepDir(out).run(v, seed).path
     say = lambda msg: echo(f"[{v} seed {seed}] {msg}")  # noqa: E731
     state: dict[str, Any] = {"variant": v, "seed": seed, "model": model, "run_dir": str(run_dir.relative_to(out)),
@@ -328,7 +346,7 @@ def _run_one(cfg: SweepConfig, v: str, seed: int, out: Path, data_path: str, bas
     weights = None
     for j, st in enumerate(variant.pretrain):
         st_dir = SweepDir(out).pretrain_run(v, seed, j).path
-        st_opts = stage_options(cfg, v, j, sets)
+        st_opts = stage_options(cfg, v, j, sets, opts)
         if weights:
             st_opts["weights"] = weights
         kw: dict[str, Any] = {}
@@ -350,10 +368,10 @@ def _run_one(cfg: SweepConfig, v: str, seed: int, out: Path, data_path: str, bas
         ckpt = RunDir(st_dir).model_for(model).checkpoint.resolve()
         weights = str(registry.get(model).warm_start_file(ckpt))
     if weights:
-        opts["weights"] = weights
+        own["weights"] = weights
     _, outcomes = run_benchmark([model], data_path, pre, device, seed, run_dir, RunDir(run_dir).exists(),
-                                cfg.base.val_fraction,
-                                overrides={model: opts}, split_file=SweepDir(out).split, echo=say,
+                                cfg.base.val_fraction, overrides={model: own}, split_file=SweepDir(out).split,
+                                echo=say,
                                 timeout_s=timeout_s)
     o = outcomes[0]
     state.update(state=o.state, detail=o.detail, label=o.label)
@@ -361,14 +379,13 @@ def _run_one(cfg: SweepConfig, v: str, seed: int, out: Path, data_path: str, bas
 
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
-    """['iterations=8', 'eval_every=4'] -> {'iterations': 8, 'eval_every': 4} (values read as YAML)."""
-    out = {}
-    for it in items:
-        if "=" not in it:
-            raise ConfigError(f"--set {it!r} is not KEY=VALUE")
-        k, v = it.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
-    return out
+    """['iterations=8', 'lr_steps=[5,7]'] -> {'iterations': 8, 'lr_steps': [5, 7]} (values read as YAML)."""
+    return {k: v for k, (_, v) in registry.parse_sets(items).items()}
+
+
+def parse_opts(items: list[str]) -> dict[str, dict[str, Any]]:
+    """['cellpose.epochs=5'] -> {'cellpose': {'epochs': 5}} (models and keys checked by :func:`validate_plan`)."""
+    return {m: {k: v for k, (_, v) in kv.items()} for m, kv in registry.parse_opts(items).items()}
 
 
 def is_sweep(path: Path) -> bool:
