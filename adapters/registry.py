@@ -154,7 +154,14 @@ def _split_top(text: str) -> list[tuple[str, str | None]]:
 def _is_option(part: str) -> bool:
     """'key=...' (an option of the model before) rather than 'name' or 'name:key=...'."""
     eq, colon = part.find("="), part.find(":")
-    return eq >= 0 and (colon < 0 or eq < colon)
+    if eq < 0 or 0 <= colon < eq:
+        return False
+    key = part[:eq].strip()
+    return not key or bool(_KEY.match(key))  # not a model label such as 'cellpose--diam_mean=20'
+
+
+def _join(spec: str, option: str) -> str:
+    return spec + ("," if ":" in spec else ":") + option
 
 
 def _parse_value(raw: str, where: str) -> Any:
@@ -222,7 +229,7 @@ def split_specs(models: str) -> list[str]:
         if _is_option(part):
             if not specs:
                 raise ConfigError(f"option {part.strip()!r} comes before any model name (in {models!r})")
-            specs[-1] += "," + part
+            specs[-1] = _join(specs[-1], part)
         else:
             specs.append(part.strip())
         if problem:  # the rest of the text is in this part; parse_spec names the model and key

@@ -278,3 +278,10 @@ def test_cli_sweep_set_lacking_exits_2(tmp_path, monkeypatch):
 def test_a_spec_key_the_model_lacks_is_named():
     with pytest.raises(ConfigError, match="cellpose has no option 'nokey' \\(it has .*eval_every"):
         compose_specs("watershed,cellpose:nokey=1")
+
+
+def test_options_after_a_bare_name_bind_to_it_and_labels_stay_names():
+    assert split_specs("cellpose,eval_every=3,watershed") == ["cellpose:eval_every=3", "watershed"]
+    # run labels (bench tune --models) are not options
+    assert split_specs("fake--mode=drop_half,cellpose--eval_every=3") == ["fake--mode=drop_half",
+                                                                          "cellpose--eval_every=3"]
