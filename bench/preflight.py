@@ -31,14 +31,14 @@ DEFAULT_MIN_FREE_MB = 200.0   # a smoke run's checkpoints and predictions take w
 class PreflightError(DataError):
     """Every problem preflight found, one per line (``problems`` keeps them as a list)."""
 
-    def __init__(self, problems: Sequence[str], shown: int = 30):
+    def __init__(self, problems: Sequence[str], shown: int = 30, where: str = "preflight",
+                 when: str = "found before anything was written"):
         self.problems = list(problems)
         lines = [f"  - {p}" for p in self.problems[:shown]]
         if len(self.problems) > shown:
             lines.append(f"  ... and {len(self.problems) - shown} more")
         n = len(self.problems)
-        super().__init__("preflight", f"{n} problem{'s' if n != 1 else ''} found before anything was written:\n"
-                                      + "\n".join(lines))
+        super().__init__(where, f"{n} problem{'s' if n != 1 else ''} {when}:\n" + "\n".join(lines))
 
 
 def split_ids(split: dict | Iterable[str] | None, dataset: Dataset) -> list[str]:

@@ -397,7 +397,9 @@ def read_coco(json_path: str | Path, image_dir: str | Path | None = None, requir
                 raise DataError(p, f"image {iid!r} listed in {json_path} is missing")
         cl = np.array(g["cls"], dtype=np.int64)
         meta = {"file_name": fname, "source": str(json_path)}
-        meta["group"] = livecell_group(fname) or im.get("sample_id") or str(iid)
+        sid = im.get("sample_id")  # optional: used only when it is a plain id
+        sid = str(sid) if isinstance(sid, (str, int)) and not isinstance(sid, bool) and str(sid).strip() else None
+        meta["group"] = livecell_group(fname) or sid or str(iid)
         if cl.size and (cl == cl[0]).all():
             meta["cell_type"] = classes[cl[0]]
         samples.append(Sample(str(iid), Instances(int(im["height"]), int(im["width"]), g["counts"], cl), p, meta))

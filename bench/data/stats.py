@@ -65,11 +65,14 @@ def stats_table(rows: list[ClassStats]) -> str:
 
 
 def check_dataset(dataset: Dataset) -> dict:
-    """Read every image and mask; raise DataError on the first problem, else return a summary.
+    """Read every image and mask; raise DataError on a problem, else return a summary.
 
     The readers already validated the RLE, classes and sizes; this adds what needs
-    the pixels: image presence, decodability, size agreement, empty masks.
+    the pixels: image presence, decodability, size agreement (every unreadable or wrongly
+    sized image is listed, not only the first), empty masks.
     """
+    from bench.preflight import PreflightError, check_images
+
     seen: set[str] = set()
     n_masks = overlap_px = annotated_px = duplicates = 0
     for s in dataset:
@@ -78,7 +81,6 @@ def check_dataset(dataset: Dataset) -> dict:
         seen.add(s.image_id)
         if s.path is None:
             raise DataError(s.meta.get("source", dataset.name), f"image of id {s.image_id} is missing")
-        s.image  # reads and checks size against the annotations
         pix = [rle.pixel_indices(c) for c in s.instances.counts]
         for k, p in enumerate(pix):
             if p.size == 0:
@@ -91,5 +93,9 @@ def check_dataset(dataset: Dataset) -> dict:
             annotated_px += u
             overlap_px += allp.size - u
         n_masks += len(pix)
+    bad = check_images(dataset)  # reads every image, checks its size against the annotations
+    if bad:
+        raise PreflightError([why for _, why in bad], where=dataset.root or dataset.name,
+                             when="with the images")
     return {"images": len(dataset), "masks": n_masks, "classes": dataset.classes,
             "overlapping_pixel_fraction": overlap_px / max(annotated_px, 1), "duplicate_masks": duplicates}
