@@ -13,12 +13,13 @@ import platform
 from pathlib import Path
 
 
-def _gpu() -> dict:
+def _gpu(device: str = "cuda") -> dict:
+    """The card the run used (``cuda:N`` keeps its index; ``cuda``: the current device)."""
     try:
         import torch
 
         if torch.cuda.is_available():
-            p = torch.cuda.get_device_properties(0)
+            p = torch.cuda.get_device_properties(torch.device(device if device.startswith("cuda") else "cuda"))
             return {"name": p.name, "memory_gib": round(p.total_memory / 2 ** 30, 1),
                     "capability": f"{p.major}.{p.minor}", "torch": torch.__version__, "cuda": torch.version.cuda}
     except ImportError:
@@ -27,16 +28,16 @@ def _gpu() -> dict:
 
 
 def collect(run: Path) -> dict:
-    manifest = json.loads((run / "manifest.json").read_text())
+    from bench.store import RunDir
+
+    manifest = RunDir(run).read_manifest().to_dict()
     rows = []
     for label in manifest.get("models_state", {}):
-        mdir = run / "models" / label
         state = manifest["models_state"][label]
-        metrics_file = mdir / "metrics.json"
-        if not metrics_file.is_file():
+        m = RunDir(run).model(label).read_metrics()
+        if m is None:
             rows.append({"model": label, "state": state.get("state"), "detail": state.get("detail", "")[:300]})
             continue
-        m = json.loads(metrics_file.read_text())
         t = m.get("timings", {})
         rows.append({
             "model": label, "state": "done", "device": m.get("device") or t.get("device") or manifest.get("device"),
@@ -46,7 +47,7 @@ def collect(run: Path) -> dict:
             "kaggle_map": m.get("kaggle_map"), "kaggle_map_ci95": m.get("kaggle_map_ci95"),
             "coco_ap": (m.get("coco") or {}).get("AP"),
         })
-    return {"gpu": _gpu(), "host": platform.node(), "git_commit": manifest.get("git_commit"),
+    return {"gpu": _gpu(manifest.get("device") or "cuda"), "host": platform.node(), "git_commit": manifest.get("git_commit"),
             "packages": manifest.get("packages"), "preset": manifest.get("preset"),
             "split_hash": manifest.get("split_hash"), "n_train": manifest.get("n_train"),
             "n_val": manifest.get("n_val"), "command": manifest.get("command"), "models": rows}
