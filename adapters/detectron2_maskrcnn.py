@@ -15,30 +15,37 @@ How the pieces fit:
 * :func:`to_dataset_dicts` turns cellbench samples into detectron2's standard dataset
   dicts (COCO RLE segmentations, XYWH_ABS boxes); they are registered in
   ``DatasetCatalog`` under a unique name for one ``fit`` and removed afterwards.
-* Images are fed as 3-channel BGR uint8 (grayscale replicated, uint16 scaled by the
-  image's maximum); ``MODEL.PIXEL_MEAN/STD`` default to the training data's statistics.
+* Images go through the shared input policy (``self.model_input``: float [0, 1]), then
+  :func:`to_bgr255`: H x W x 3 float32 BGR in 0..255, the range and channel order of
+  detectron2's ``MODEL.PIXEL_MEAN/STD`` (which default to the training data's statistics
+  of these arrays). The same function feeds training (the data mapper reads each dataset
+  dict's file through the policy) and inference.
 * Training is detectron2's ``SimpleTrainer`` (``AMPTrainer`` with ``amp=true`` on CUDA)
-  with its LR-scheduler hook and a cellbench hook that logs losses and reports progress;
-  no detectron2 evaluator runs (cellbench scores the predictions itself).
+  inside :class:`~bench.adapters.trainable.TrainableAdapter`'s ``fit`` (seeds, cuDNN
+  flags, log clock), with its LR-scheduler hook and a cellbench hook that logs losses in
+  the shared schema and reports progress; no detectron2 evaluator runs (cellbench scores
+  the predictions itself).
 * Inference is ``DefaultPredictor``'s recipe (resize the shortest edge to
-  ``INPUT.MIN_SIZE_TEST``, eval mode, no grad), one image at a time, deterministic.
+  ``INPUT.MIN_SIZE_TEST``, eval mode, no grad), one image at a time; masks become
+  instances through ``instances_from_masks`` (box-cropped encoding).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import time
 import uuid
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from bench.adapters.base import Adapter, AdapterConfig, Capabilities, FitContext, check_weights_file
+from bench.adapters.base import AdapterConfig, Capabilities, FitContext, check_weights_file
 from bench.adapters.registry import register
+from bench.adapters.trainable import TrainableAdapter, amp_enabled
+from bench.data.masks import instances_from_masks
+from bench.data.normalize import to_rgb
 from bench.data.rle import to_coco_rle
 from bench.data.sample import Instances, Sample
 
@@ -47,7 +54,6 @@ log = logging.getLogger(__name__)
 ZOO_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
 BOX_MODE_XYWH_ABS = 1  # int value of detectron2.structures.BoxMode.XYWH_ABS
 WEIGHTS_FILE = "model_final.pth"
-META_FILE = "cellbench_detectron2.json"
 D2_CONFIG_FILE = "detectron2_config.yaml"
 
 Float3 = float | list[float]
@@ -87,8 +93,10 @@ class D2MaskRCNNConfig(AdapterConfig):
     nms_thresh_test: float = Field(0.5, gt=0, le=1)       # MODEL.ROI_HEADS.NMS_THRESH_TEST
     detections_per_image: int = Field(1000, ge=1)         # TEST.DETECTIONS_PER_IMAGE
     # ---- input ------------------------------------------------------------
-    pixel_mean: Float3 | None = None   # BGR; None: mean of the training images
-    pixel_std: Float3 | None = None    # None: std of the training images (use 1.0 with MSRA .pkl weights)
+    # BGR, 0..255 (the input policy's [0, 1] x 255); None: mean / std of the training images as the
+    # network sees them (pixel_std 1.0 with MSRA .pkl weights)
+    pixel_mean: Float3 | None = None
+    pixel_std: Float3 | None = None
     min_size_train: list[int] = [640, 672, 704, 736, 768, 800]   # shortest edge, one chosen per image
     min_size_train_sampling: Literal["choice", "range"] = "choice"
     max_size_train: int = Field(1333, ge=1)
@@ -101,20 +109,20 @@ class D2MaskRCNNConfig(AdapterConfig):
     augment: Literal["none", "default", "extra"] = "default"
     # ---- solver -----------------------------------------------------------
     optimizer: Literal["sgd", "adam"] = "sgd"   # adam: torch Adam on detectron2's parameter groups
-    ims_per_batch: int = Field(16, ge=1)
-    base_lr: float = Field(0.02, gt=0)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(0.02, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
-    gamma: float = Field(0.1, gt=0)
-    steps: list[int] = [210000, 250000]     # iterations where the LR is multiplied by gamma
-    max_iter: int = Field(270000, ge=1)
+    lr_gamma: float = Field(0.1, gt=0)
+    lr_steps: list[int] = [210000, 250000]  # iterations where the LR is multiplied by lr_gamma
+    iterations: int = Field(270000, ge=1)
     warmup_iters: int = Field(1000, ge=0)
     warmup_factor: float = Field(0.001, gt=0, le=1)
-    clip_gradients: float | None = None      # max L2 norm of each parameter's gradient; None: off
+    grad_clip: float | None = None      # max L2 norm of each parameter's gradient; None: off
     amp: bool = False                        # mixed precision (CUDA only)
     # ---- running ----------------------------------------------------------
     num_workers: int = Field(2, ge=0)        # data-loader processes
-    log_period: int = Field(20, ge=1)        # iterations between loss records
+    log_every: int = Field(20, ge=1)        # iterations between loss records
     checkpoint_period: int = Field(0, ge=0)  # 0: only the final weights are kept
 
     @field_validator("anchor_sizes")
@@ -143,8 +151,8 @@ class D2MaskRCNNConfig(AdapterConfig):
         lo, hi = self.rpn_iou_thresholds
         if not 0 <= lo <= hi <= 1:
             raise ValueError(f"rpn_iou_thresholds must be 0 <= low <= high <= 1, got {self.rpn_iou_thresholds}")
-        if list(self.steps) != sorted(self.steps) or any(s <= 0 for s in self.steps):
-            raise ValueError(f"steps must be increasing positive iterations, got {self.steps}")
+        if list(self.lr_steps) != sorted(self.lr_steps) or any(s <= 0 for s in self.lr_steps):
+            raise ValueError(f"lr_steps must be increasing positive iterations, got {self.lr_steps}")
         if self.min_size_train_sampling == "range" and len(self.min_size_train) != 2:
             raise ValueError("min_size_train_sampling=range needs min_size_train=[low, high]")
         if self.pixel_std is not None and min(_as3(self.pixel_std)) <= 0:
@@ -203,19 +211,19 @@ def to_detectron2_opts(cfg: D2MaskRCNNConfig, *, num_classes: int | None = None,
         "INPUT.MIN_SIZE_TEST": int(c.min_size_test),
         "INPUT.MAX_SIZE_TEST": int(c.max_size_test),
         "INPUT.RANDOM_FLIP": c.random_flip,
-        "SOLVER.IMS_PER_BATCH": int(c.ims_per_batch),
-        "SOLVER.BASE_LR": float(c.base_lr),
+        "SOLVER.IMS_PER_BATCH": int(c.batch_size),
+        "SOLVER.BASE_LR": float(c.lr),
         "SOLVER.MOMENTUM": float(c.momentum),
         "SOLVER.WEIGHT_DECAY": float(c.weight_decay),
-        "SOLVER.GAMMA": float(c.gamma),
-        "SOLVER.STEPS": tuple(int(s) for s in c.steps),
-        "SOLVER.MAX_ITER": int(c.max_iter),
+        "SOLVER.GAMMA": float(c.lr_gamma),
+        "SOLVER.STEPS": tuple(int(s) for s in c.lr_steps),
+        "SOLVER.MAX_ITER": int(c.iterations),
         "SOLVER.WARMUP_ITERS": int(c.warmup_iters),
         "SOLVER.WARMUP_FACTOR": float(c.warmup_factor),
-        "SOLVER.CHECKPOINT_PERIOD": int(c.checkpoint_period or c.max_iter),
-        "SOLVER.CLIP_GRADIENTS.ENABLED": c.clip_gradients is not None,
+        "SOLVER.CHECKPOINT_PERIOD": int(c.checkpoint_period or c.iterations),
+        "SOLVER.CLIP_GRADIENTS.ENABLED": c.grad_clip is not None,
         "SOLVER.CLIP_GRADIENTS.CLIP_TYPE": "norm",
-        "SOLVER.CLIP_GRADIENTS.CLIP_VALUE": float(c.clip_gradients or 1.0),
+        "SOLVER.CLIP_GRADIENTS.CLIP_VALUE": float(c.grad_clip or 1.0),
         "SOLVER.AMP.ENABLED": bool(c.amp),
         "DATALOADER.NUM_WORKERS": int(c.num_workers),
         "DATALOADER.FILTER_EMPTY_ANNOTATIONS": True,
@@ -240,33 +248,20 @@ def to_detectron2_opts(cfg: D2MaskRCNNConfig, *, num_classes: int | None = None,
 # data (no detectron2 import)
 # ---------------------------------------------------------------------------
 
-def to_bgr_uint8(image: np.ndarray) -> np.ndarray:
-    """H x W (grey) or H x W x 3 (RGB), uint8 or uint16 -> H x W x 3 BGR uint8.
-
-    uint16 images are scaled linearly so that their maximum becomes 255 (microscopy
-    16-bit images rarely use the full range; a fixed /257 would leave them dark).
-    """
-    img = np.asarray(image)
-    if img.dtype != np.uint8:
-        f = img.astype(np.float32)
-        hi = float(f.max()) if f.size else 0.0
-        img = np.clip(np.rint(f * (255.0 / hi)) if hi > 0 else f, 0, 255).astype(np.uint8)
-    if img.ndim == 2:
-        img = np.repeat(img[:, :, None], 3, axis=2)
-    elif img.ndim == 3 and img.shape[2] == 3:
-        img = img[:, :, ::-1]  # cellbench reads colour images as RGB
-    else:
-        raise ValueError(f"unsupported image shape {img.shape} (want H x W or H x W x 3)")
-    return np.ascontiguousarray(img)
+def to_bgr255(image01: np.ndarray) -> np.ndarray:
+    """An image under the input policy (float [0, 1], H x W or H x W x 3 RGB) -> the array
+    detectron2 takes: H x W x 3 float32, BGR, 0..255 (the scale of ``MODEL.PIXEL_MEAN/STD``)."""
+    rgb = to_rgb(np.asarray(image01, dtype=np.float32))
+    return np.ascontiguousarray(rgb[:, :, ::-1] * np.float32(255.0))
 
 
-def load_bgr(file_name: str) -> np.ndarray:
-    """What the data mapper and the statistics read: a file of ``to_dataset_dicts`` as BGR uint8."""
+def read_raw(file_name: str) -> np.ndarray:
+    """A file of ``to_dataset_dicts`` as stored (``.npy`` for in-memory samples, else cellbench's reader)."""
     if file_name.endswith(".npy"):
-        return to_bgr_uint8(np.load(file_name))
+        return np.load(file_name)
     from bench.data.io import read_image
 
-    return to_bgr_uint8(read_image(file_name))
+    return read_image(file_name)
 
 
 def to_dataset_dicts(samples: Sequence[Sample], classes: Sequence[str],
@@ -319,11 +314,12 @@ def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
-def image_stats(dicts: Sequence[dict]) -> tuple[list[float], list[float]]:
-    """Per-channel (B, G, R) mean and std over all pixels of the images, as the model sees them."""
+def image_stats(dicts: Sequence[dict], policy: Callable[[np.ndarray], np.ndarray]) -> tuple[list[float], list[float]]:
+    """Per-channel (B, G, R) mean and std over all pixels of the images, as the model sees them
+    (``to_bgr255(policy(image))``)."""
     n, s, ss = 0, np.zeros(3), np.zeros(3)
     for d in dicts:
-        img = load_bgr(d["file_name"]).reshape(-1, 3).astype(np.float64)
+        img = to_bgr255(policy(read_raw(d["file_name"]))).reshape(-1, 3).astype(np.float64)
         n += img.shape[0]
         s += img.sum(0)
         ss += (img ** 2).sum(0)
@@ -335,11 +331,18 @@ def image_stats(dicts: Sequence[dict]) -> tuple[list[float], list[float]]:
 
 
 class _Mapper:
-    """detectron2's DatasetMapper, reading images through cellbench (grey/uint16 -> BGR uint8)."""
+    """detectron2's DatasetMapper, reading images through the input policy (``to_bgr255(policy(raw))``).
 
-    def __init__(self, augmentations, mask_format: str = "bitmask"):
+    ``policy`` is the adapter's :class:`~bench.data.normalize.InputPolicy` (what ``model_input``
+    applies): a small picklable object, so data-loader workers get it without the model."""
+
+    def __init__(self, augmentations, policy: Callable[[np.ndarray], np.ndarray], mask_format: str = "bitmask"):
         self.augmentations = augmentations
+        self.policy = policy
         self.mask_format = mask_format
+
+    def image(self, file_name: str) -> np.ndarray:
+        return to_bgr255(self.policy(read_raw(file_name)))
 
     def __call__(self, dataset_dict: dict) -> dict:
         import torch
@@ -347,11 +350,12 @@ class _Mapper:
         from detectron2.data import transforms as T
 
         d = copy.deepcopy(dataset_dict)
-        image = load_bgr(d["file_name"])
+        image = self.image(d["file_name"])
         utils.check_image_size(d, image)
         aug_input = T.AugInput(image)
         transforms = T.AugmentationList(self.augmentations)(aug_input)
-        image = aug_input.image
+        # brightness/contrast blends leave float images unclipped (and may widen them to float64)
+        image = np.clip(aug_input.image, 0.0, 255.0).astype(np.float32, copy=False)
         h, w = image.shape[:2]
         d["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         annos = [utils.transform_instance_annotations(a, transforms, (h, w))
@@ -366,19 +370,31 @@ class _Mapper:
 # ---------------------------------------------------------------------------
 
 @register("maskrcnn")
-class Detectron2MaskRCNN(Adapter):
+class Detectron2MaskRCNN(TrainableAdapter):
     framework = "detectron2"
     framework_modules = ("detectron2", "detectron2.model_zoo")
     install_hint = "detectron2 has no PyPI package: make setup-detectron2 D2_SRC=<path or git URL of its official source>"
     capabilities = Capabilities(predicts_classes=True, overlapping_masks=True)
     Config = D2MaskRCNNConfig
     warm_start_name = WEIGHTS_FILE
+    framework_keys = {
+        "iterations": "SOLVER.MAX_ITER", "lr": "SOLVER.BASE_LR", "batch_size": "SOLVER.IMS_PER_BATCH",
+        "weight_decay": "SOLVER.WEIGHT_DECAY", "optimizer": "build_optimizer (SGD) / torch Adam",
+        "lr_steps": "SOLVER.STEPS", "lr_gamma": "SOLVER.GAMMA", "warmup_iters": "SOLVER.WARMUP_ITERS",
+        "amp": "SOLVER.AMP.ENABLED (AMPTrainer)",
+        "augment": "INPUT.MIN_SIZE_TRAIN / INPUT.RANDOM_FLIP (+ vertical flip, brightness, contrast)",
+        "eval_every": "validation hook", "log_every": "log hook period",
+        "grad_clip": "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "num_workers": "DATALOADER.NUM_WORKERS"}
 
     def __init__(self, cfg: AdapterConfig, classes: Sequence[str], device: str = "cpu"):
         super().__init__(cfg, classes, device)
         self.model = None
         self.d2cfg = None
         self.pixel_stats: tuple[list[float], list[float]] | None = None
+
+    def _network_input(self, image: np.ndarray) -> np.ndarray:
+        """A raw image -> H x W x 3 float32 BGR 0..255 (what the mapper gives in training)."""
+        return to_bgr255(self.model_input(image))
 
     # ---- config -------------------------------------------------------------
     def _d2_config(self, seed: int | None = None):
@@ -401,8 +417,8 @@ class Detectron2MaskRCNN(Adapter):
         return build_model(d2cfg)
 
     # ---- training -----------------------------------------------------------
-    def fit(self, train: Sequence[Sample], val: Sequence[Sample], cfg: AdapterConfig, ctx: FitContext) -> None:
-        c: D2MaskRCNNConfig = cfg  # type: ignore[assignment]
+    def train(self, train: Sequence[Sample], val: Sequence[Sample], ctx: FitContext) -> None:
+        c: D2MaskRCNNConfig = self.cfg  # type: ignore[assignment]
         weights = check_weights_file(c.weights)  # before anything heavy: a clear error naming the path
         if not train:
             raise ValueError("no training samples")
@@ -414,17 +430,15 @@ class Detectron2MaskRCNN(Adapter):
         from detectron2.data.samplers import TrainingSampler
         from detectron2.engine import AMPTrainer, SimpleTrainer, hooks
         from detectron2.solver import build_lr_scheduler, build_optimizer
-        from detectron2.utils.env import seed_all_rng
 
-        self.cfg = cfg
         work = Path(ctx.workdir) / "detectron2"
         work.mkdir(parents=True, exist_ok=True)
-        seed_all_rng(ctx.seed)
 
         dicts = to_dataset_dicts(train, self.classes, image_dir=work / "images")
         if not any(d["annotations"] for d in dicts):
             raise ValueError("no training image has an annotated instance")
-        self.pixel_stats = image_stats(dicts) if c.pixel_mean is None or c.pixel_std is None else None
+        self.pixel_stats = (image_stats(dicts, self.policy) if c.pixel_mean is None or c.pixel_std is None
+                            else None)
         d2cfg = self._d2_config(seed=ctx.seed)
         d2cfg.OUTPUT_DIR = str(work)
         (work / D2_CONFIG_FILE).write_text(d2cfg.dump())
@@ -443,22 +457,21 @@ class Detectron2MaskRCNN(Adapter):
             model.train()
             dataset = get_detection_dataset_dicts([name], filter_empty=True)
             loader = build_detection_train_loader(
-                dataset=dataset, mapper=_Mapper(train_augmentations(d2cfg, c.augment)),
+                dataset=dataset, mapper=_Mapper(train_augmentations(d2cfg, c.augment), self.policy),
                 sampler=TrainingSampler(len(dataset), shuffle=True, seed=ctx.seed),
-                total_batch_size=c.ims_per_batch, aspect_ratio_grouping=True, num_workers=c.num_workers)
+                total_batch_size=c.batch_size, aspect_ratio_grouping=True, num_workers=c.num_workers)
             optimizer = build_optimizer(d2cfg, model) if c.optimizer == "sgd" else _adam(d2cfg, model)
-            use_amp = c.amp and str(self.device).startswith("cuda")
-            trainer = (AMPTrainer if use_amp else SimpleTrainer)(model, loader, optimizer)
+            trainer = (AMPTrainer if amp_enabled(c, self.device, ctx) else SimpleTrainer)(model, loader, optimizer)
             hook_list = [hooks.IterationTimer(), hooks.LRScheduler(optimizer, build_lr_scheduler(d2cfg, optimizer)),
-                         _LogHook(ctx, c.log_period, c.max_iter)]
+                         _LogHook(ctx, c.log_every, c.iterations)]
             if ctx.curve_wanted:
                 self.d2cfg = d2cfg
-                hook_list.append(_ValidationHook(self, ctx, c.max_iter))
+                hook_list.append(_ValidationHook(self, ctx, c.iterations))
             if c.checkpoint_period:
                 ckpt = DetectionCheckpointer(model, str(work), optimizer=optimizer)
-                hook_list.append(hooks.PeriodicCheckpointer(ckpt, c.checkpoint_period, max_iter=c.max_iter))
+                hook_list.append(hooks.PeriodicCheckpointer(ckpt, c.checkpoint_period, max_iter=c.iterations))
             trainer.register_hooks(hook_list)
-            trainer.train(0, c.max_iter)
+            trainer.train(0, c.iterations)
         finally:
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
@@ -478,67 +491,47 @@ class Detectron2MaskRCNN(Adapter):
                   if d2.INPUT.MIN_SIZE_TEST > 0 else None)
         self.model.eval()
         out = []
-        cudnn = torch.backends.cudnn
-        prev = (cudnn.deterministic, cudnn.benchmark)
-        cudnn.deterministic, cudnn.benchmark = True, False
-        try:
-            with torch.inference_mode():
-                for s in samples:
-                    img = to_bgr_uint8(s.image)
-                    h, w = img.shape[:2]
-                    x = resize.get_transform(img).apply_image(img) if resize is not None else img
-                    t = torch.as_tensor(np.ascontiguousarray(x.transpose(2, 0, 1)).astype("float32"))
-                    res = self.model([{"image": t, "height": h, "width": w}])[0]["instances"].to("cpu")
-                    out.append(self._to_instances(res, h, w))
-        finally:
-            cudnn.deterministic, cudnn.benchmark = prev
+        with torch.inference_mode():
+            for s in samples:
+                img = self._network_input(s.image)
+                h, w = img.shape[:2]
+                x = resize.get_transform(img).apply_image(img) if resize is not None else img
+                t = torch.as_tensor(np.ascontiguousarray(x.transpose(2, 0, 1)))
+                res = self.model([{"image": t, "height": h, "width": w}])[0]["instances"].to("cpu")
+                out.append(self._to_instances(res, h, w))
         return out
 
     @staticmethod
     def _to_instances(res, h: int, w: int) -> Instances:
         if len(res) == 0:
             return Instances.empty(h, w)
-        masks = res.pred_masks.numpy().astype(bool)
-        scores = res.scores.numpy().astype(np.float64)
-        classes = res.pred_classes.numpy().astype(np.int64)
-        keep = masks.reshape(len(masks), -1).any(1)
-        inst = Instances.from_masks(masks[keep], classes[keep], scores[keep])
-        assert (inst.height, inst.width) == (h, w)
-        return inst
+        return instances_from_masks(res.pred_masks.numpy(), res.pred_boxes.tensor.numpy(), res.scores.numpy(),
+                                    res.pred_classes.numpy(), h, w)
 
     # ---- persistence ----------------------------------------------------------
-    def save(self, directory: Path) -> None:
+    def save_weights(self, directory: Path) -> None:
         import torch
 
         if self.model is None:
             raise RuntimeError("maskrcnn: nothing to save (fit or load first)")
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         torch.save(self.model.state_dict(), directory / WEIGHTS_FILE)
-        meta = {"config": self.cfg.model_dump(mode="json"), "classes": self.classes,
-                "pixel_stats": self.pixel_stats, "detectron2_zoo_config": ZOO_CONFIG}
-        (directory / META_FILE).write_text(json.dumps(meta, indent=1))
-        (directory / D2_CONFIG_FILE).write_text(self.d2cfg.dump())
+        (directory / D2_CONFIG_FILE).write_text(self.d2cfg.dump())  # for reading / detectron2's own tools
 
-    def load(self, directory: Path) -> None:
+    def checkpoint_extra(self) -> dict:
+        mean, std = self.pixel_stats or (None, None)
+        return {"pixel_mean": mean, "pixel_std": std, "detectron2_zoo_config": ZOO_CONFIG}
+
+    def restore_extra(self, extra: dict) -> None:
+        mean, std = extra.get("pixel_mean"), extra.get("pixel_std")
+        self.pixel_stats = (mean, std) if mean is not None else None
+
+    def load_weights(self, directory: Path) -> None:
         import torch
 
-        directory = Path(directory)
-        meta_path, w_path = directory / META_FILE, directory / WEIGHTS_FILE
-        for p in (meta_path, w_path):
-            if not p.is_file():
-                raise FileNotFoundError(f"maskrcnn: {p} is missing (not a saved detectron2 Mask R-CNN?)")
-        meta = json.loads(meta_path.read_text())
-        if list(meta["classes"]) != self.classes:
-            raise ValueError(f"maskrcnn: saved model has classes {meta['classes']}, this adapter {self.classes}")
-        self.cfg = self.Config(**meta["config"])
-        ps = meta.get("pixel_stats")
-        self.pixel_stats = (ps[0], ps[1]) if ps else None
         d2cfg = self._d2_config()
         d2cfg.MODEL.WEIGHTS = ""  # the state dict below is the model
         model = self._build_model(d2cfg)
-        state = torch.load(w_path, map_location=self.device, weights_only=True)
-        model.load_state_dict(state)
+        model.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location=self.device, weights_only=True))
         model.eval()
         self.model, self.d2cfg = model, d2cfg
 
@@ -591,26 +584,18 @@ def _LogHook(ctx: FitContext, period: int, max_iter: int):
     from detectron2.engine import HookBase
 
     class LogHook(HookBase):
-        """Every ``period`` iterations and at the end: losses -> ctx.log, progress -> ctx.report."""
-
-        def before_train(self):
-            self.t0 = time.perf_counter()
+        """Every ``period`` iterations and at the end: losses -> ctx.log_step, progress -> ctx.report."""
 
         def after_step(self):
             it = self.trainer.iter + 1
-            storage = self.trainer.storage
+            hist = self.trainer.storage.histories()
             if it % period == 0 or it == max_iter:
-                rec: dict[str, Any] = {"step": it}
-                hist = storage.histories()
-                for k in sorted(hist):
-                    if k == "total_loss" or k.startswith("loss_"):
-                        # median over the last `period` iterations, as detectron2's printer does
-                        rec["loss" if k == "total_loss" else k] = float(hist[k].median(period))
-                if "lr" in hist:
-                    rec["lr"] = float(hist["lr"].latest())
-                rec["time_s"] = round(time.perf_counter() - self.t0, 2)
-                ctx.log(**rec)
-            loss = storage.histories().get("total_loss")
+                # medians over the last `period` iterations, as detectron2's printer does
+                parts = {k: float(hist[k].median(period)) for k in sorted(hist) if k.startswith("loss_")}
+                loss = float(hist["total_loss"].median(period)) if "total_loss" in hist else None
+                lr = float(hist["lr"].latest()) if "lr" in hist else None
+                ctx.log_step(it, loss=loss, parts=parts, lr=lr)
+            loss = hist.get("total_loss")
             ctx.report(it, max_iter, **({"loss": round(float(loss.latest()), 4)} if loss is not None else {}))
 
     return LogHook()

@@ -17,6 +17,8 @@ import pytest
 from bench.adapters import detectron2_maskrcnn as d2m
 from bench.adapters.base import FitContext
 from bench.adapters.registry import ConfigError, build, get, make_config
+from bench.adapters.trainable import VOCABULARY
+from bench.data.normalize import InputPolicy, normalize
 from bench.data.rle import from_coco_segmentation
 from bench.data.sample import Instances, Sample
 
@@ -61,6 +63,17 @@ def test_registered_and_declared():
     assert cls.framework_modules == ("detectron2", "detectron2.model_zoo")
     assert cls.capabilities.predicts_classes and cls.capabilities.overlapping_masks
     assert "make setup-detectron2 D2_SRC=" in cls.install_hint
+
+
+def test_shared_vocabulary_and_framework_keys():
+    cls = get("maskrcnn")
+    assert set(cls.framework_keys) == set(VOCABULARY) & set(cls.Config.model_fields)
+    assert cls.framework_keys["iterations"] == "SOLVER.MAX_ITER" and cls.framework_keys["lr"] == "SOLVER.BASE_LR"
+    assert cls.framework_keys["batch_size"] == "SOLVER.IMS_PER_BATCH"
+    # every detectron2 key named there is one the adapter sets
+    opts = d2m.to_detectron2_opts(make_config("maskrcnn", "smoke"))
+    named = {v.split()[0] for v in cls.framework_keys.values() if v.split()[0].isupper()}
+    assert named and named <= set(opts), named - set(opts)
 
 
 def test_unavailable_gives_install_hint(monkeypatch):
@@ -116,7 +129,7 @@ def test_every_preset_validates_and_maps():
         assert o["TEST.DETECTIONS_PER_IMAGE"] >= 700
         assert all(k.isupper() or "." in k for k in o)
     smoke = make_config("maskrcnn", "smoke")
-    assert smoke.resnet_depth <= 50 and smoke.max_iter <= 500
+    assert smoke.resnet_depth <= 50 and smoke.iterations <= 500
     assert d2m.to_detectron2_opts(smoke)["MODEL.RESNETS.RES2_OUT_CHANNELS"] == (64 if smoke.resnet_depth < 50 else 256)
 
 
@@ -131,7 +144,7 @@ def test_weights_path_goes_to_model_weights(tmp_path):
     {"no_such_option": 1},
     {"anchor_sizes": [8, 16, 32]},                  # needs one per FPN level
     {"rpn_iou_thresholds": [0.8, 0.3]},
-    {"steps": [300, 100]},
+    {"lr_steps": [300, 100]},
     {"random_flip": "diagonal"},
     {"pixel_std": 0},
     {"resnet_depth": 42},
@@ -177,30 +190,36 @@ def test_dataset_dicts_errors():
         d2m.to_dataset_dicts([_square_sample()], ["only"], image_dir="/tmp")
 
 
-def test_grey_and_uint16_to_bgr8():
-    g = np.array([[0, 100], [200, 255]], np.uint8)
-    out = d2m.to_bgr_uint8(g)
-    assert out.shape == (2, 2, 3) and out.dtype == np.uint8 and (out[..., 0] == g).all() and (out[..., 2] == g).all()
-    u = np.array([[0, 1000], [2000, 4000]], np.uint16)
-    out = d2m.to_bgr_uint8(u)
-    assert out.dtype == np.uint8 and out[1, 1, 0] == 255 and out[0, 1, 0] == 64
-    rgb = np.zeros((2, 2, 3), np.uint8)
-    rgb[..., 0] = 9  # red
-    assert (d2m.to_bgr_uint8(rgb)[..., 2] == 9).all()
+def test_network_input_is_the_policy_in_bgr255(tmp_path):
+    g = np.array([[0.0, 0.4], [0.8, 1.0]], np.float32)
+    out = d2m.to_bgr255(g)
+    assert out.shape == (2, 2, 3) and out.dtype == np.float32 and out.flags.c_contiguous
+    assert np.array_equal(out[..., 0], g * 255) and np.array_equal(out[..., 2], g * 255)
+    rgb = np.zeros((2, 2, 3), np.float32)
+    rgb[..., 0] = 1.0  # red
+    assert (d2m.to_bgr255(rgb)[..., 2] == 255).all() and (d2m.to_bgr255(rgb)[..., 0] == 0).all()
+
+    m = build("maskrcnn", CLASSES, preset="smoke")
+    s = _square_sample()
+    assert np.array_equal(m._network_input(s.image), d2m.to_bgr255(normalize(s.image, InputPolicy())))
+    # training reads the dataset dicts' files through the same policy as inference
+    (d,) = d2m.to_dataset_dicts([s], CLASSES, image_dir=tmp_path)
+    assert np.array_equal(d2m._Mapper([], m.policy).image(d["file_name"]), m._network_input(s.image))
 
 
 def test_image_stats(tmp_path):
     s = _square_sample()
-    mean, std = d2m.image_stats(d2m.to_dataset_dicts([s], CLASSES, image_dir=tmp_path))
-    assert mean == pytest.approx([float(s.image.mean())] * 3, abs=1e-3)
-    assert std == pytest.approx([float(s.image.std())] * 3, abs=1e-2)
+    x = d2m.to_bgr255(normalize(s.image, InputPolicy()))
+    mean, std = d2m.image_stats(d2m.to_dataset_dicts([s], CLASSES, image_dir=tmp_path), InputPolicy())
+    assert mean == pytest.approx([float(x.mean())] * 3, abs=1e-3)
+    assert std == pytest.approx([float(x.std())] * 3, abs=1e-2)
 
 
 # ---------------------------------------------------------------------------
 # with detectron2: real training on CPU
 # ---------------------------------------------------------------------------
 
-TINY_OPTS = {"max_iter": 12, "steps": [10], "warmup_iters": 2, "log_period": 4, "min_size_train": [128],
+TINY_OPTS = {"iterations": 12, "lr_steps": [10], "warmup_iters": 2, "log_every": 4, "min_size_train": [128],
              "min_size_test": 128, "num_workers": 0, "score_thresh_test": 0.0}
 
 
@@ -240,8 +259,13 @@ def test_fit_predict_save_load(tiny, tmp_path):
     assert [r["step"] for r in curve] == [6, 12] and all(0 <= r["kaggle_map"] <= 1 for r in curve)
     assert m.model.training is False
     assert set(DatasetCatalog.list()) == before          # registered for the fit only
-    assert [r["step"] for r in logs] == [4, 8, 12]
-    assert all(np.isfinite(r["loss"]) and "loss_mask" in r for r in logs)
+    assert [r["step"] for r in logs] == [4, 8, 12]       # the shared log schema
+    assert all(np.isfinite(r["loss"]) and "loss_mask" in r and r["lr"] > 0 and r["seconds"] >= 0
+               and not {"iteration", "time", "time_s"} & set(r) for r in logs)
+    # the input policy: a uint16 image and the same image as uint8 reach the network alike
+    gray8 = val[0].image if val[0].image.ndim == 2 else val[0].image[:, :, 0]
+    x8, x16 = m._network_input(gray8), m._network_input(gray8.astype(np.uint16) * 257)
+    assert x8.shape == gray8.shape + (3,) and np.allclose(x8, x16, atol=1e-3)
     assert progress[-1] == (12, 12)
     assert (tmp_path / "run" / "detectron2" / "images" / "inmem.npy").is_file()
 
@@ -254,20 +278,21 @@ def test_fit_predict_save_load(tiny, tmp_path):
     assert sum(len(p) for p in preds) > 0  # score_thresh_test=0: an untrained model still proposes
 
     m.save(tmp_path / "saved")
-    fresh = build("maskrcnn", tiny.classes, preset="smoke")
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == [d2m.D2_CONFIG_FILE, "meta.json",
+                                                                       d2m.WEIGHTS_FILE]
+    fresh = build("maskrcnn", ["x"], preset="smoke")   # classes and config come from meta.json
     fresh.load(tmp_path / "saved")
+    assert fresh.classes == list(tiny.classes) and fresh.cfg == m.cfg
+    assert tuple(fresh.pixel_stats) == tuple(m.pixel_stats)
     again = fresh.predict(val)
     for a, b in zip(preds, again):
         assert len(a) == len(b)
         assert np.array_equal(a.scores, b.scores) and np.array_equal(a.classes, b.classes)
         assert all(np.array_equal(x, y) for x, y in zip(a.counts, b.counts))
 
-    with pytest.raises(ValueError, match="classes"):
-        build("maskrcnn", ["x"], preset="smoke").load(tmp_path / "saved")
-
     # a local weights file to start from (here: the model just saved), never downloaded
     tuned = build("maskrcnn", tiny.classes, preset="smoke")
-    tcfg = make_config("maskrcnn", "smoke", {**TINY_OPTS, "max_iter": 1, "steps": [],
+    tcfg = make_config("maskrcnn", "smoke", {**TINY_OPTS, "iterations": 1, "lr_steps": [],
                                              "weights": str(tmp_path / "saved" / "model_final.pth")})
     tuned.fit(train, val, tcfg, FitContext(workdir=tmp_path / "tuned"))
     assert len(tuned.predict(val[:1])) == 1
@@ -291,7 +316,7 @@ def test_uint16_grey_training_step(tmp_path):
     """A 16-bit grey in-memory sample goes through the mapper and one training step."""
     s = _square_sample(h=64, w=64, dtype=np.uint16)
     m = build("maskrcnn", CLASSES, preset="smoke")
-    cfg = make_config("maskrcnn", "smoke", {**TINY_OPTS, "max_iter": 2, "steps": [], "ims_per_batch": 1,
+    cfg = make_config("maskrcnn", "smoke", {**TINY_OPTS, "iterations": 2, "lr_steps": [], "batch_size": 1,
                                             "min_size_train": [64], "min_size_test": 64, "num_workers": 1})
     m.fit([s], [], cfg, FitContext(workdir=tmp_path))
     (p,) = m.predict([s])
@@ -306,7 +331,7 @@ def test_optimizer_and_augmentation_variants_train(tiny, tmp_path, opts):
     from detectron2.data import transforms as T
 
     m = build("maskrcnn", tiny.classes, preset="smoke")
-    cfg = make_config("maskrcnn", "smoke", {**TINY_OPTS, "max_iter": 2, "steps": [], **opts})
+    cfg = make_config("maskrcnn", "smoke", {**TINY_OPTS, "iterations": 2, "lr_steps": [], **opts})
     m.cfg = cfg
     m.pixel_stats = ([128.0] * 3, [10.0] * 3)
     augs = d2m.train_augmentations(m._d2_config(), cfg.augment)
