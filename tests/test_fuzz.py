@@ -725,5 +725,25 @@ def test_coco_results_corruptions_are_data_errors(preds, mutation, data):
     assert f"{p}: result #{k}" in str(ei.value), label
 
 
-FUZZ_TARGETS = 9   # codec/reader families above: COCO counts and strings, Kaggle RLE, polygons, csv, COCO json,
-                   # label images, prediction files, submissions, COCO results
+# the corruption targets (each a family of bad inputs, many with a dozen named mutation kinds); with the
+# rows of tests/test_bad_input.py they are the bad-input classes the README counts
+CORRUPTION_TARGETS = [
+    "test_coco_string_corruptions", "test_coco_uncompressed_counts_corruptions",
+    "test_kaggle_any_string_exact_or_refused", "test_polygons_accepted_iff_well_formed",
+    "test_csv_corruptions_are_data_errors", "test_csv_random_edits_never_crash",
+    "test_coco_corruptions_are_data_errors", "test_coco_random_value_swaps_never_crash",
+    "test_label_image_fractional_or_truncated_refused", "test_truncated_gz_is_a_data_error",
+    "test_prediction_record_corruptions", "test_prediction_random_edits_never_crash",
+    "test_submission_corruptions_are_data_errors", "test_coco_results_corruptions_are_data_errors",
+]
+
+
+def test_bad_input_class_count():
+    """The number the README quotes: table rows + corruption targets (update both when adding one)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bad_input_rows", Path(__file__).with_name("test_bad_input.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert all(callable(globals().get(n)) for n in CORRUPTION_TARGETS)
+    assert mod.BAD_INPUT_CLASSES + len(CORRUPTION_TARGETS) == 60
