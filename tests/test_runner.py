@@ -340,6 +340,13 @@ def test_a_cuda_run_puts_cpu_only_models_on_the_cpu_and_records_it(tmp_path, tin
     assert any("runs on cpu" in line and "cuda:1" in line for line in lines)  # said, not silent
     table = summary_table(out)
     assert "device" in table.splitlines()[0] and " cpu " in table.splitlines()[1]
+    from bench.report.leaderboard import write_report
+
+    write_report([run_dir], tmp_path / "report")
+    md = (tmp_path / "report" / "leaderboard.md").read_text()
+    assert "device `cuda:1`" in md and "fake (cpu), fake-frozen (cpu)" in md
+    assert "fake,done" in (tmp_path / "report" / "leaderboard.csv").read_text()
+    assert (tmp_path / "report" / "leaderboard.csv").read_text().splitlines()[1].endswith(",cpu")
 
 
 def test_a_model_that_cannot_run_as_asked_is_refused_before_anything_trains(tmp_path, tiny_synth):

@@ -175,10 +175,14 @@ def write_report(run_dirs: list[Path], out: Path) -> list[Path]:
     pngs = plots.all_plots(rows, rows_raw, out)
     written += pngs
     m0 = rows_raw[0]["manifest"]
+    elsewhere = [f"{r['model']} ({r['device']})" for r in rows
+                 if r.get("device") and r["device"] != m0.get("device")]
     header = (f"# cellbench leaderboard\n\nRuns: {', '.join(str(Path(r).name) for r in run_dirs)}; data: "
               f"`{m0.get('dataset')}` ({m0.get('n_train')} train / {m0.get('n_val')} val images, split "
               f"`{m0.get('split_hash')}`), preset `{m0.get('preset')}`, device `{m0.get('device')}`, "
               f"seed(s) {sorted({r['manifest'].get('seed') for r in rows_raw})}.\n\n"
+              + (f"Ran on another device than the run's (as their adapters declare): {', '.join(elsewhere)}.\n\n"
+                 if elsewhere else "") +
               "Kaggle mAP: the competition metric (IoU > t, t = 0.50..0.95, mean over images), 95% bootstrap CI "
               "over images. 'vs best': paired bootstrap on the same images (worse = the difference's 95% CI "
               "excludes 0).\n\n")
