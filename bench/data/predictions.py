@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import math
 import zlib
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def decode_record(rec: dict, where: str) -> tuple[str, Instances]:
         bad(f"image_id {iid!r} is not a non-empty string or an integer")
     if not (_int(h) and _int(w) and h > 0 and w > 0):
         bad(f"height/width {h!r}x{w!r} are not positive integers")
-    if not isinstance(strings, list) or not all(isinstance(c, str) for c in strings):
+    if not isinstance(strings, list) or not set(map(type, strings)) <= {str}:
         bad("'counts' is not a list of COCO RLE strings")
     n = len(strings)
     scores, classes = rec.get("scores"), rec.get("classes")
@@ -69,13 +70,13 @@ def decode_record(rec: dict, where: str) -> tuple[str, Instances]:
         scores = [1.0] * n
     if classes is None or (classes == [] and n):
         classes = [-1] * n
-    if not isinstance(scores, list) or not all(_num(x) for x in scores):
+    if not isinstance(scores, list) or not set(map(type, scores)) <= {int, float}:
         bad("'scores' is not a list of numbers")
-    if not isinstance(classes, list) or not all(_int(x) and x >= -1 for x in classes):
+    if not isinstance(classes, list) or not set(map(type, classes)) <= {int} or (classes and min(classes) < -1):
         bad("'classes' is not a list of class indices (integers >= -1)")
     if len(scores) != n or len(classes) != n:
         bad(f"{n} masks but {len(scores)} scores and {len(classes)} classes")
-    if not all(np.isfinite(x) for x in scores):
+    if not all(map(math.isfinite, scores)):
         bad("a score is NaN or infinite")
     counts = []
     for k, c in enumerate(strings):
