@@ -674,7 +674,8 @@ class MMDetNative(Native):
             dict(type="PackDetInputs", meta_keys=("img_id", "img_path", "ori_shape", "img_shape", "scale_factor"))]))
         with quiet(cb_work / "native-predictor.log"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = init_detector(mcfg, checkpoint=str(type(adapter).warm_start_file(ckpt)), device=device)
+            model = init_detector(mcfg, checkpoint=str(type(adapter).warm_start_file(ckpt)), device=device,
+                                  palette="random")  # (no dataset to read a palette from)
 
         def run(image: np.ndarray) -> int:
             r = inference_detector(model, gray3(image))
@@ -806,6 +807,22 @@ def cellbench_train(name: str, preset: str, cfg, data: Data, device: str, seed: 
                      "n_params": sum(p.numel() for p in final.parameters()) if final is not None else None}
 
 
+def profiled(fn: Callable[[], Any], top: int = 30) -> str:
+    """``fn`` under cProfile: the ``top`` functions by internal time, as text."""
+    import cProfile
+    import pstats
+
+    pr = cProfile.Profile()
+    pr.enable()
+    try:
+        fn()
+    finally:
+        pr.disable()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue()
+
+
 def time_predict(fn: Callable[[], int], n_images: int, device: str) -> tuple[float, int]:
     sync(device)
     t = time.perf_counter()
@@ -817,7 +834,7 @@ def time_predict(fn: Callable[[], int], n_images: int, device: str) -> tuple[flo
 def measure(name: str, *, device: str = "cpu", iterations: int | None = None, warmup: int = 2, reps: int = 3,
             n_infer: int | None = None, n_train: int = 6, n_test: int = 4, size: tuple[int, int] = (160, 128),
             seed: int = 0, preset: str = "smoke", workdir: Path | None = None, threads: int | None = 1,
-            extra: dict | None = None, log: Callable[[str], None] = print) -> dict:
+            extra: dict | None = None, profile: bool = False, log: Callable[[str], None] = print) -> dict:
     """Cellbench vs the framework's own loop for one adapter; returns the figures (see the module doc)."""
     native = NATIVES[name]()
     iterations = iterations or native.iterations
@@ -892,6 +909,21 @@ def measure(name: str, *, device: str = "cpu", iterations: int | None = None, wa
             log(f"[{name}] rep {r} infer cellbench {cb_ms:.1f} ms/img ({cb_det} detections), native {na_ms:.1f} "
                 f"ms/img ({na_det} detections)")
 
+        prof = {}
+        if profile:  # one more run of each side under cProfile, not counted in the figures
+            prof["train_cellbench"] = profiled(lambda: cellbench_train(
+                name, preset, cfg, data, device, seed, Path(workdir) / "prof-cb", Clock(device), native))
+            pw = Path(workdir) / "prof-native"
+            pw.mkdir(parents=True, exist_ok=True)
+            with quiet(pw / "native.log"):
+                prof["train_native"] = profiled(lambda: native.train(cfg, data, device, seed, pw, Clock(device),
+                                                                     cb_dir))
+            with quiet(Path(workdir) / "predict.log"):
+                prof["infer_cellbench"] = profiled(lambda: adapter.predict(data.test))
+                prof["infer_native"] = profiled(lambda: [nat(s.image) for s in data.test])
+            for k, v in prof.items():
+                log(f"[{name}] profile {k}:\n{v}")
+
         def med(side: str, key: str) -> float:
             return float(np.median([x[key] for x in train_reps if x["side"] == side]))
 
@@ -915,6 +947,7 @@ def measure(name: str, *, device: str = "cpu", iterations: int | None = None, wa
                                                 for x in infer_reps])),
                       "reps": infer_reps},
             "trained": trained,
+            **({"profile": prof} if prof else {}),
             "seconds": round(time.perf_counter() - t_start, 1),
         }
         return res
@@ -1009,6 +1042,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="extra config value for both sides (applied to each adapter that has KEY)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON file ('' for none)")
     p.add_argument("--in-process", action="store_true", help="run every adapter in this process")
+    p.add_argument("--profile", action="store_true",
+                   help="also run each side once under cProfile and print (and store) the top functions")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     return p
@@ -1022,7 +1057,7 @@ def _kwargs(a) -> dict:
     for item in a.set:
         k, _, v = item.partition("=")
         extra[k.strip()] = yaml.safe_load(v) if v.strip() else None
-    return dict(extra=extra, device=a.device, iterations=a.iterations, warmup=a.warmup, reps=a.reps, n_train=a.train_images,
+    return dict(extra=extra, profile=a.profile, device=a.device, iterations=a.iterations, warmup=a.warmup, reps=a.reps, n_train=a.train_images,
                 n_test=a.test_images, size=(w, h), seed=a.seed, preset=a.preset, threads=a.threads)
 
 
