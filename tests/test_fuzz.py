@@ -16,6 +16,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -103,8 +104,19 @@ def consistent(inst: Instances) -> bool:
         and len(inst.classes) == len(inst)
 
 
+_BASE: list[Path] = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fuzz_files():
+    """Every example's files live under one folder, removed when the module is done."""
+    _BASE.append(Path(tempfile.mkdtemp(prefix="cellbench-fuzz-")))
+    yield
+    shutil.rmtree(_BASE.pop(), ignore_errors=True)
+
+
 def tmpdir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="cellbench-fuzz-"))
+    return Path(tempfile.mkdtemp(dir=_BASE[-1]))
 
 
 # ---------------------------------------------------------------------------
