@@ -120,6 +120,8 @@ class Manifest(_Record):
     device: str = "cpu"                                   # the run's device (cuda:N keeps its index)
     gpu: str | None = None                                # name of that device, if a GPU
     devices: dict[str, dict] = field(default_factory=dict)  # label -> DevicePlan.to_dict()
+    # spec -> the input policy its model reads images with (bench/data/normalize.py; the same by default)
+    input_policies: dict[str, dict] = field(default_factory=dict)
     command: str = ""
     builtin_data: bool = False
     dataset: str = ""

@@ -386,3 +386,25 @@ def test_predict_plans_its_device_like_run(tmp_path, tiny_synth, monkeypatch):
     monkeypatch.setattr(devices, "_cuda_count", lambda: 0)
     with pytest.raises(RuntimeError, match="no CUDA device"):
         load_model(run_dir, "fake", "cuda")
+
+
+def test_a_corrupt_or_missized_image_stops_the_run_before_its_folder_exists(tmp_path, tiny_synth):
+    """Preflight reads every image of the split first: a corrupt one and a wrongly annotated size
+    are both named, and no run folder (nor manifest) is written."""
+    import shutil
+
+    from bench.preflight import PreflightError
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_synth, data)
+    pngs = sorted((data / "train").glob("*.png"))
+    pngs[0].write_bytes(b"not a png")
+    rows = (data / "train.csv").read_text().splitlines()
+    other = pngs[1].stem
+    rows = [rows[0]] + [r.replace(",128,128,", ",128,130,", 1) if r.startswith(other + ",") else r
+                        for r in rows[1:]]
+    (data / "train.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(PreflightError) as err:
+        _run(tmp_path, ["fake"], data)
+    assert pngs[0].name in str(err.value) and other in str(err.value)
+    assert not (tmp_path / "run").exists()

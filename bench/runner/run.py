@@ -21,11 +21,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from bench import store
 from bench.adapters import registry
 from bench.data.errors import DataError
 from bench.data.io import load_dataset
+from bench.data.normalize import InputPolicy
+from bench.preflight import require_preflight
 from bench.data.split import make_split, read_split, write_split
 from bench.runner.devices import DeviceError, plan_model, resolve_device  # noqa: F401 (re-exported)
 from bench.store import DevicePlan, Job, Manifest, RunDir, RunLocked, model_label  # noqa: F401 (re-exported)
@@ -163,6 +166,7 @@ def run_benchmark(models: list[str], data: str | None = None, preset: str = "smo
             data_path = manifest.data
             dataset = load_dataset(data_path)
             split = read_split(run.split, dataset)
+            require_preflight(dataset, split, run.path)
             if manifest.seed != seed or manifest.preset != preset:
                 raise ValueError(f"{out}: --resume with seed/preset {seed}/{preset} but the run has "
                                  f"{manifest.seed}/{manifest.preset}")
@@ -178,6 +182,9 @@ def run_benchmark(models: list[str], data: str | None = None, preset: str = "smo
         stamp = time.strftime("%Y%m%d-%H%M%S")
         key = hashlib.sha256(json.dumps([specs, preset, seed, split["hash"]]).encode()).hexdigest()[:6]
         run = RunDir(results / "runs" / f"{stamp}-{key}")
+    # every image of the split readable and of its annotated size, the folder writable: all problems
+    # listed at once, before the run folder exists and before anything trains
+    require_preflight(dataset, split, run.path)
     run.mkdir()
     with run.lock():
         if run.exists():  # another process started a run there between our check and the lock
@@ -187,6 +194,7 @@ def run_benchmark(models: list[str], data: str | None = None, preset: str = "smo
             command=" ".join(sys.argv), models=list(specs), preset=preset, seed=seed, device=device,
             data=data_path, builtin_data=data is None, dataset=dataset.name, classes=list(dataset.classes),
             split_hash=split["hash"], dataset_hash=split["dataset_hash"],
+            input_policies={spec: InputPolicy.of(SimpleNamespace(**configs[spec])).as_dict() for spec in specs},
             n_train=len(split["train"]), n_val=len(split["val"]), configs=dict(configs), train_on=train_on,
             packages=package_versions(), git_commit=git_commit(), python=sys.version.split()[0],
             host=platform.node(), platform=platform.platform(), cpu_count=os.cpu_count(),
