@@ -94,8 +94,14 @@ fi
 if [[ $phase == check || $phase == all ]]; then
     $PY -c "import mmcv, cellpose, bench" 2>/dev/null || { install_pure; build_wheel mmcv "$WHEELS/mmcv-2.1.0.tar.gz" "$cores";
         [[ -n "$D2_SRC" ]] && build_wheel detectron2 "$D2_SRC" "$cores"; }
-    log "cuda tests"
-    $PY -m pytest -q -ra -m cuda tests/test_gpu.py > "$WORK/pytest-gpu.log" 2>&1
+    log "imports, each in its own process (a crashing extension is named, with its Python stack)"
+    for m in cv2 torch.cuda mmcv mmcv.ops mmdet.models detectron2._C detectron2.modeling cellpose.models; do
+        if $PY -X faulthandler -c "import $m" > "$WORK/import.log" 2>&1; then log "  import $m: ok"
+        else log "  import $m: FAILED"; grep -v "^Extension modules" "$WORK/import.log" | head -25 | tee -a "$WORK/steps.log"; fi
+    done
+    log "cuda tests (pytest-xdist where present, so that a crashing test does not stop the others)"
+    xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")
+    $PY -m pytest -q -ra -m cuda $xdist tests/test_gpu.py > "$WORK/pytest-gpu.log" 2>&1
     log "cuda tests: $(tail -1 "$WORK/pytest-gpu.log")"
     log "bench run, all five models, smoke preset, --device cuda"
     rm -rf "$WORK/run"
