@@ -199,7 +199,10 @@ def run_cmd(models: str = typer.Option(..., "--models", help="Comma-separated sp
             out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default results/runs/<stamp>)."),
             resume: bool = typer.Option(False, "--resume", help="Continue --out (which must hold a run) or the "
                                                                 "latest run."),
-            val: float = typer.Option(0.2, "--val", help="Validation fraction of the split.")):
+            val: float = typer.Option(0.2, "--val", help="Validation fraction of the split."),
+            timeout: Optional[float] = typer.Option(None, "--timeout", min=1,
+                                                    help="Seconds per model (fit + predict + score); a model "
+                                                         "past it is stopped and reported as timed out.")):
     """Train and score models on one split; each model in its own process. Exit code = failed models."""
     from bench.adapters.registry import ConfigError, compose_specs
     from bench.runner.run import RunInterrupted, run_benchmark, summary_table
@@ -208,7 +211,7 @@ def run_cmd(models: str = typer.Option(..., "--models", help="Comma-separated sp
         specs = compose_specs(models, opts, sets)  # every name, key and value checked before anything runs
         if data is not None and not Path(data).exists():
             raise DataError(data, "dataset path does not exist")
-        run_dir, outcomes = run_benchmark(specs, data, preset, device, seed, out, resume, val)
+        run_dir, outcomes = run_benchmark(specs, data, preset, device, seed, out, resume, val, timeout_s=timeout)
     except RunInterrupted as e:  # the worker was stopped and recorded as interrupted: --resume continues
         typer.secho(f"stopped: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(130)

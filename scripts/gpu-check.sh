@@ -106,7 +106,7 @@ if [[ $phase == check || $phase == all ]]; then
     log "bench run, all five models, smoke preset, --device cuda"
     rm -rf "$WORK/run"
     PYTHONUNBUFFERED=1 $PY -m bench run --models maskrcnn,cascade,cellpose,maskrcnn-tv,watershed --preset smoke \
-        --device cuda --out "$WORK/run" > "$WORK/bench-run.log" 2>&1
+        --device cuda --timeout ${MODEL_TIMEOUT:-150} --out "$WORK/run" > "$WORK/bench-run.log" 2>&1
     log "bench run exit $?"
     $PY -m bench.gpu_figures "$WORK/run" --out "$WORK/gpu-figures" | tee -a "$WORK/steps.log"
 fi
