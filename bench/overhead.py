@@ -19,7 +19,8 @@ callback; native: a hook / the loop itself; Cellpose both sides: a tap on ``trai
 per-batch loss function), skipping the first ``--warmup`` iterations and the last one (where
 frameworks write their final checkpoint), so model building, data conversion and start-up are
 not counted on either side. Inference is timed after one warm-up image per side. On CUDA every
-tick synchronises first. Each figure is the median over ``--reps`` repetitions, the ratio the
+tick synchronises first. Each figure is the median over ``--reps`` repetitions (inference: twice as
+many, a repetition being only a few images), the ratio the
 median of the per-pair ratios (cellbench / native).
 
 Config values come from the adapter's config class at run time (the ``smoke`` preset plus a few
@@ -899,7 +900,8 @@ def measure(name: str, *, device: str = "cpu", iterations: int | None = None, wa
             adapter.predict(data.test[:1])  # warm-up
             nat(data.test[0].image)
         infer_reps = []
-        for r in range(infer_reps_n := (n_infer or reps)):
+        # a repetition predicts only a few images: twice as many A/B pairs as for training
+        for r in range(infer_reps_n := (n_infer or 2 * reps)):
             with quiet(Path(workdir) / "predict.log"):
                 cb_ms, cb_det = time_predict(lambda: sum(len(p) for p in adapter.predict(data.test)), len(data.test),
                                              device)
@@ -1031,7 +1033,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=None,
                    help="training iterations (Cellpose: batches) per side and repetition (default: 10, Cellpose 6)")
     p.add_argument("--warmup", type=int, default=2, help="first iterations not timed (the last one is not either)")
-    p.add_argument("--reps", type=int, default=3, help="A/B repetitions (training and inference)")
+    p.add_argument("--reps", type=int, default=3, help="A/B repetitions of training (inference: twice as many)")
     p.add_argument("--train-images", type=int, default=6)
     p.add_argument("--test-images", type=int, default=4)
     p.add_argument("--size", default="160x128", help="synthetic image size WxH")
@@ -1115,7 +1117,8 @@ def run(argv: list[str] | None = None, out_rows: list | None = None) -> int:
            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     print()
     print(table(results))
-    print(f"(medians of {a.reps} interleaved repetitions; ratio = median of per-pair cellbench/native; "
+    print(f"(medians of {a.reps} interleaved training and {2 * a.reps} inference repetitions; ratio = median of "
+          f"per-pair cellbench/native; "
           f"target <= {TARGET:.2f}; git {str(doc['git']['commit'])[:10]}{' + local changes' if doc['git']['dirty'] else ''})")
     if a.out:
         from bench.util import atomic_write_json
