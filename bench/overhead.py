@@ -1106,13 +1106,14 @@ def run(argv: list[str] | None = None, out_rows: list | None = None) -> int:
         return 2
     print(f"harness overhead: cellbench vs each framework's own loop, device {a.device}, "
           f"{a.threads or 'default'} thread(s); load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    git = git_info()  # the code that runs: taken before, not after, the measurement
     results = {}
     for n in names:
         results[n] = r = _run_one(n, a, argv)
         if r.get("status") != "ok":
             print(f"[{n}] {r.get('status')}: {r.get('reason')}")
     doc = {"what": "harness overhead: cellbench vs the framework's own training loop and predictor",
-           "target_ratio": TARGET, "machine": machine_info(a.device), "git": git_info(),
+           "target_ratio": TARGET, "machine": machine_info(a.device), "git": git,
            "command": "python -m bench.overhead " + " ".join(argv), "adapters": results,
            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     print()
