@@ -26,10 +26,11 @@ def test_overhead_maskrcnn_tv_measures_both_sides(tmp_path):
         t = res["trained"][side]
         assert t["params_changed"] is True, (side, t)   # the weights moved after the first iteration
         assert t["losses_finite"] is True
-    # the same network on both sides, and the same number of detections from the same weights
+    # the same network on both sides; from the same weights (score threshold 0, a detection cap) both
+    # predict detections, cellbench at most as many (it drops masks that come out empty)
     assert res["trained"]["cellbench"]["n_params"] == res["trained"]["native"]["n_params"]
     last = res["infer"]["reps"][-1]
-    assert last["cellbench_detections"] == last["native_detections"]
+    assert 0 < last["cellbench_detections"] <= last["native_detections"]
     assert "maskrcnn-tv" in overhead.table({"maskrcnn-tv": res})
     json.dumps(res)  # serialisable as it is
 
