@@ -11,7 +11,7 @@ from bench.adapters.base import FitContext, log_record
 from bench.adapters.registry import ConfigError, make_config
 from bench.adapters.trainable import CHECKPOINT_SCHEMA, CheckpointError, read_meta
 from bench.data import rle
-from bench.data.masks import instances_from_masks, place_counts
+from bench.data.masks import instances_from_masks, strip_counts
 from bench.data.normalize import InputPolicy, normalize, to_gray, to_rgb, to_uint8
 
 # ---- input policy ----------------------------------------------------------------------
@@ -64,7 +64,7 @@ def test_policy_is_a_validated_option_of_every_model():
 # ---- masks to instances ---------------------------------------------------------------------
 
 
-def test_box_cropped_encoding_equals_full_image_encoding():
+def test_strip_encoding_equals_full_image_encoding():
     rng = np.random.default_rng(1)
     for _ in range(200):
         h, w = (int(v) for v in rng.integers(3, 40, 2))
@@ -85,10 +85,15 @@ def test_box_cropped_encoding_equals_full_image_encoding():
             np.testing.assert_array_equal(inst.counts[k], rle.encode_mask(masks[i]))
 
 
-def test_place_counts_merges_runs_of_a_full_height_crop():
-    crop = np.ones((4, 2), bool)  # a full-height crop: two columns are one run in the image
-    counts = place_counts(rle.encode_mask(crop), 4, 0, 1, 4, 3)
-    np.testing.assert_array_equal(counts, [4, 8])
+def test_strip_counts_extend_the_strip_to_the_image():
+    m = np.zeros((4, 5), bool)
+    m[:, 1:3] = True                      # two full columns: one run of 8 after 4 background pixels
+    np.testing.assert_array_equal(strip_counts(m, 1, 3), [4, 8, 8])
+    np.testing.assert_array_equal(strip_counts(m, 0, 5), rle.encode_mask(m))
+    m[:, 3:] = True                       # foreground up to the last pixel: no trailing background
+    np.testing.assert_array_equal(strip_counts(m, 1, 5), [4, 16])
+    m[0, 0] = True                        # foreground at the first pixel: a leading zero, as pycocotools
+    np.testing.assert_array_equal(strip_counts(m, 0, 5), rle.encode_mask(m))
 
 
 # ---- log schema and checkpoints ----------------------------------------------------------------
