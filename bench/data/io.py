@@ -1,4 +1,5 @@
-"""Dataset readers: Sartorius/Kaggle csv, COCO/LIVECell json, Cellpose-style label folders.
+"""Dataset readers: Sartorius/Kaggle csv, COCO/LIVECell json, Cellpose-style label folders,
+DSB2018's native layout (:mod:`bench.data.dsb`).
 
 Every reader returns a :class:`~bench.data.sample.Dataset` and raises
 :class:`~bench.data.errors.DataError` naming the file (and row) of anything wrong:
@@ -443,8 +444,13 @@ def load_dataset(path: str | Path, require_images: bool = True) -> Dataset:
     if path.suffix == ".csv" or (path / "train.csv").is_file():
         return read_sartorius(path, require_images=require_images)
     if path.is_dir():
+        from bench.data.dsb import dsb_root, read_dsb_native
+
+        if dsb_root(path) is not None:  # DSB2018 native: stage1_train/<id>/{images,masks}/
+            return read_dsb_native(path, require_images=require_images)
         jsons = sorted(path.glob("*.json"))
         if len(jsons) == 1:
             return read_coco(jsons[0], require_images=require_images)
         return read_label_folder(path)
-    raise DataError(path, "not a dataset: expected a Sartorius folder/csv, a COCO json or a label-image folder")
+    raise DataError(path, "not a dataset: expected a Sartorius folder/csv, a COCO json, a label-image folder "
+                          "or a DSB2018 stage1_train folder")
