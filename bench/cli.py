@@ -137,9 +137,12 @@ def eval_cmd(gt: Path = typer.Option(..., "--gt", help="Sartorius folder or trai
                                               help="COCO AP per predicted class (useCats=1) instead of "
                                                    "class-agnostic (LIVECell's way, the default)."),
              seed: int = typer.Option(0, "--seed", help="Bootstrap seed.")):
-    """Score predictions: Kaggle mAP (exact), COCO AP, per class and threshold, 95% CIs."""
+    """Score predictions: Kaggle mAP (exact), COCO AP, per class and threshold, 95% CIs.
+
+    Prediction ids are matched to the ground truth by image id, else by file name, else by file
+    stem (one key for the whole file; the one used is printed and written to --json)."""
     from bench.data.io import load_dataset
-    from bench.data.predictions import load_any_predictions
+    from bench.data.predictions import load_predictions_for
     from bench.metrics.evaluator import evaluate_predictions
     from bench.report.tables import eval_table
     from bench.util import atomic_write_json
@@ -147,14 +150,14 @@ def eval_cmd(gt: Path = typer.Option(..., "--gt", help="Sartorius folder or trai
     _check_output_file(json_out, "--json")
     try:
         ds = load_dataset(gt, require_images=False)
-        sizes = {s.image_id: (s.height, s.width) for s in ds}
-        coco_ids = {s.meta.get("coco_id", s.image_id): s.image_id for s in ds}
-        preds = load_any_predictions(pred, sizes, ds.classes, coco_ids)
+        preds, matched_by = load_predictions_for(pred, ds, ds.classes)
         gtd = {s.image_id: (s.instances, s.cell_type(ds.classes)) for s in ds}
         res = evaluate_predictions(gtd, preds, ds.classes, resolve_overlaps=resolve_overlaps, max_dets=max_dets,
                                    class_aware_coco=class_aware, seed=seed)
     except (DataError, OSError, ValueError) as e:
         _fail(e)
+    res["matched_by"] = matched_by
+    typer.echo(f"predictions of {len(preds)} image(s) matched to the ground truth by {matched_by}")
     typer.echo(eval_table(res))
     if json_out:
         try:

@@ -29,8 +29,8 @@ def _disk(cy, cx, r, h=H, w=W):
     return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
 
 
-def write_native(root: Path, ids=("a1", "b2"), rgba=True) -> dict[str, list[np.ndarray]]:
-    """A DSB folder: two ids, RGBA images, binary 0/255 masks (two of them overlapping)."""
+def write_native(root: Path, ids=("a1", "b2"), rgba=True, overlap=True) -> dict[str, list[np.ndarray]]:
+    """A DSB folder: two ids, RGBA images, binary 0/255 masks (two of them overlapping unless not)."""
     out = {}
     rng = np.random.default_rng(0)
     for k, iid in enumerate(ids):
@@ -43,7 +43,7 @@ def write_native(root: Path, ids=("a1", "b2"), rgba=True) -> dict[str, list[np.n
             Image.fromarray(img, "RGBA").save(d / "images" / f"{iid}.png")
         else:
             Image.fromarray(gray).save(d / "images" / f"{iid}.png")
-        masks = [_disk(6, 6 + k, 4), _disk(8, 10 + k, 4), _disk(18, 24, 3)]  # masks 0 and 1 overlap
+        masks = [_disk(6, 6 + k, 4), _disk(8, 10 + k, 4) if overlap else _disk(17, 8 + k, 4), _disk(18, 24, 3)]
         for j, m in enumerate(masks):
             Image.fromarray(m.astype(np.uint8) * 255).save(d / "masks" / f"m{j}.png")
         out[iid] = masks
@@ -232,3 +232,113 @@ def test_real_sample_equals_coco_form(native_sample, coco_of_sample):
         modalities.add(entries[int(s.image_id)]["modality"])
     assert {"fluorescence", "histology", "brightfield"} == modalities
     assert sum(rle.area(c) for s in native.values() for c in s.instances.counts) > 0
+
+
+# ---------------------------------------------------------------------------
+# bench eval: predictions keyed by file stem/name score against a COCO ground truth keyed by id
+# ---------------------------------------------------------------------------
+
+@pytest.fixture()
+def coco_gt(tmp_path):
+    """The tiny native set as COCO (integer ids 1, 2; file names '<dsb id>.png'), and its Dataset."""
+    import shutil
+
+    write_native(tmp_path / "native", overlap=False)
+    ds = load_dataset(tmp_path / "native")
+    (tmp_path / "coco" / "images").mkdir(parents=True)
+    images, anns = [], []
+    for k, s in enumerate(ds, start=1):
+        shutil.copy(s.path, tmp_path / "coco" / "images" / f"{s.image_id}.png")
+        images.append({"id": k, "file_name": f"{s.image_id}.png", "height": s.height, "width": s.width})
+        for c in s.instances.counts:
+            seg = rle.to_coco_rle(c, s.height, s.width)
+            anns.append({"id": len(anns) + 1, "image_id": k, "category_id": 1, "segmentation": seg,
+                         "area": rle.area(c), "iscrowd": 0})
+    gt = tmp_path / "coco" / "annotations.json"
+    gt.write_text(json.dumps({"images": images, "annotations": anns,
+                              "categories": [{"id": 1, "name": "nucleus"}]}))
+    return gt, ds
+
+
+def _perfect(ds, key=lambda s: s.image_id):
+    from bench.data.sample import Instances
+
+    return {key(s): Instances(s.height, s.width, s.instances.counts, np.zeros(len(s.instances), np.int64),
+                              np.ones(len(s.instances))) for s in ds}
+
+
+def _eval(gt, pred, tmp_path):
+    out = tmp_path / "scores.json"
+    r = CliRunner().invoke(app, ["eval", "--gt", str(gt), "--pred", str(pred), "--json", str(out)])
+    return r, (json.loads(out.read_text()) if out.is_file() else None)
+
+
+def test_eval_matches_bench_predict_output_by_file_stem(coco_gt, tmp_path):
+    from bench.data.predictions import write_predictions
+
+    gt, ds = coco_gt
+    pred = tmp_path / "preds" / "predictions.jsonl.gz"  # what `bench predict --images coco/images` writes
+    pred.parent.mkdir()
+    write_predictions(pred, _perfect(ds), ["nucleus"])
+    r, res = _eval(gt, pred, tmp_path)
+    assert r.exit_code == 0, r.output
+    assert "matched to the ground truth by file stem" in r.output
+    assert res["matched_by"] == "file stem" and res["kaggle_map"] == pytest.approx(1.0)
+    assert res["missing_predictions"] == []
+
+
+def test_eval_prefers_image_ids(coco_gt, tmp_path):
+    from bench.data.predictions import write_predictions
+
+    gt, ds = coco_gt
+    pred = tmp_path / "p.jsonl"
+    write_predictions(pred, {str(k): p for k, p in enumerate(_perfect(ds).values(), start=1)}, ["nucleus"])
+    r, res = _eval(gt, pred, tmp_path)
+    assert r.exit_code == 0, r.output
+    assert res["matched_by"] == "image id" and res["kaggle_map"] == pytest.approx(1.0)
+
+
+def test_eval_kaggle_csv_and_coco_results_by_file_name(coco_gt, tmp_path):
+    from bench.data.predictions import write_submission
+
+    gt, ds = coco_gt
+    sub = tmp_path / "submission.csv"
+    write_submission(sub, _perfect(ds))  # ids are the DSB ids = the file stems
+    r, res = _eval(gt, sub, tmp_path)
+    assert r.exit_code == 0, r.output
+    assert res["matched_by"] == "file stem" and res["kaggle_map"] == pytest.approx(1.0)
+
+    results = [{"image_id": f"{s.image_id}.png", "category_id": 1, "score": 1.0,
+                "segmentation": rle.to_coco_rle(c, s.height, s.width)} for s in ds for c in s.instances.counts]
+    res_json = tmp_path / "results.json"
+    res_json.write_text(json.dumps(results))
+    r, res = _eval(gt, res_json, tmp_path)
+    assert r.exit_code == 0, r.output
+    assert res["matched_by"] == "file name" and res["kaggle_map"] == pytest.approx(1.0)
+
+
+def test_eval_unmatched_ids_still_an_error(coco_gt, tmp_path):
+    from bench.data.predictions import write_predictions
+
+    gt, ds = coco_gt
+    preds = _perfect(ds)
+    preds["nowhere"] = next(iter(preds.values()))
+    pred = tmp_path / "p.jsonl"
+    write_predictions(pred, preds, ["nucleus"])
+    r, _ = _eval(gt, pred, tmp_path)
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "not in the ground truth" in r.output and "nowhere" in r.output
+
+
+def test_ambiguous_stems_are_not_matched():
+    from bench.data.predictions import gt_aliases, match_ids
+    from bench.data.sample import Instances, Sample
+
+    e = Instances.empty(4, 4, with_scores=False)
+    samples = [Sample("1", e, None, {"file_name": "a/x.png"}), Sample("2", e, None, {"file_name": "b/x.tif"}),
+               Sample("3", e, None, {"file_name": "y.png"})]
+    al = gt_aliases(samples)
+    assert match_ids(["y"], al) == ("file stem", {"y": "3"})
+    assert match_ids(["x.png", "y.png"], al)[0] == "file name"
+    with pytest.raises(DataError, match="not in the ground truth"):
+        match_ids(["x"], al)  # two images have the stem x: never guessed

@@ -302,6 +302,83 @@ def _parse_coco_results(path: Path, text: str, id_map: dict, sizes: dict[str, tu
             for i, v in acc.items()}
 
 
+# ---------------------------------------------------------------------------
+# matching prediction ids to ground-truth images: by id, else by file name, else by file stem
+# ---------------------------------------------------------------------------
+
+MATCH_KEYS = ("image id", "file name", "file stem")
+
+
+def gt_aliases(samples) -> dict[str, dict[str, str]]:
+    """For each key of :data:`MATCH_KEYS`: {key value: ground-truth image id}. A file name or
+    stem shared by two images is ambiguous and left out (it cannot name one image)."""
+    out: dict[str, dict[str, str]] = {k: {} for k in MATCH_KEYS}
+    ambiguous: dict[str, set] = {k: set() for k in MATCH_KEYS}
+    for s in samples:
+        fname = s.meta.get("file_name") or (s.path.name if s.path is not None else None)
+        names = {"image id": s.image_id}
+        if fname:
+            names["file name"] = Path(str(fname)).name
+            names["file stem"] = Path(str(fname)).stem
+        for k, v in names.items():
+            if v in out[k] and out[k][v] != s.image_id:
+                ambiguous[k].add(v)
+            out[k][v] = s.image_id
+    for k in MATCH_KEYS:
+        for v in ambiguous[k]:
+            del out[k][v]
+    return out
+
+
+def match_ids(pred_ids, aliases: dict[str, dict[str, str]]) -> tuple[str, dict[str, str]]:
+    """The first key of :data:`MATCH_KEYS` under which every prediction id names a ground-truth
+    image, and the mapping {prediction id: ground-truth id}. One key for the whole file (never a
+    mix), so that an id is never matched by accident; DataError if no key matches them all."""
+    pred_ids = list(pred_ids)
+    for key in MATCH_KEYS:
+        table = aliases[key]
+        if all(str(i) in table for i in pred_ids):
+            return key, {i: table[str(i)] for i in pred_ids}
+    unknown = sorted(str(i) for i in pred_ids if str(i) not in aliases["image id"])
+    raise DataError("predictions", f"{len(unknown)} image id(s) not in the ground truth, e.g. {unknown[:3]} "
+                                   "(matched neither by image id nor by file name or file stem)")
+
+
+def _is_unknown_id(e: DataError) -> bool:
+    return "not in the ground truth" in e.problem
+
+
+def load_predictions_for(path: str | Path, samples, classes: list[str]) -> tuple[dict[str, Instances], str]:
+    """A prediction file (any format of :func:`load_any_predictions`) keyed by the ground truth's
+    image ids, and the key its ids were matched by: ``image id``, else ``file name``, else
+    ``file stem`` (``bench predict --images DATASET/images`` keys by stem; a COCO ground truth by
+    its integer ids)."""
+    path = Path(path)
+    samples = list(samples)
+    aliases = gt_aliases(samples)
+    sizes = {s.image_id: (s.height, s.width) for s in samples}
+    coco_ids = {s.meta.get("coco_id", s.image_id): s.image_id for s in samples}
+    try:
+        preds = load_any_predictions(path, sizes, classes, coco_ids)
+    except DataError as e:
+        if not _is_unknown_id(e):
+            raise
+        # a Kaggle csv / COCO results file checks ids while reading: read again by file name/stem
+        for key in MATCH_KEYS[1:]:
+            table = aliases[key]
+            try:
+                raw = load_any_predictions(path, {a: sizes[g] for a, g in table.items()}, classes,
+                                           {a: a for a in table})
+            except DataError as e2:
+                if _is_unknown_id(e2):
+                    continue
+                raise
+            return {table[a]: p for a, p in raw.items()}, key
+        raise
+    key, mapping = match_ids(preds, aliases)
+    return {mapping[i]: p for i, p in preds.items()}, key
+
+
 def load_any_predictions(path: str | Path, sizes: dict[str, tuple[int, int]], classes: list[str],
                          coco_id_map: dict | None = None) -> dict[str, Instances]:
     """By content: cellbench file, Kaggle csv, or COCO results json."""
