@@ -7,8 +7,9 @@
 * the known, pinned differences with ``cellpose.metrics.average_precision``;
 * overlap handling, missing/unknown images, the bootstrap and the ``bench eval`` command.
 
-The real data live in ../shared (conftest's ``real_csv``/``real_json``); tests needing them skip
-when absent. Nothing is copied into the repository.
+The real data live in ../shared (conftest's ``real_csv``/``real_json``); the comparisons against
+independent implementations also run on a Sartorius-format set the suite generates, so they
+never all skip when ../shared is absent. Nothing is copied into the repository.
 """
 
 from __future__ import annotations
@@ -138,12 +139,26 @@ def _rows_by_id(path) -> "OrderedDict[str, dict]":
     return out
 
 
+@pytest.fixture(scope="module", params=["shared", "synthetic"])
+def metric_csv(request, tmp_path_factory):
+    """The annotations the reference comparisons run on: the real Sartorius csv in ../shared (skipped
+    where absent) and, always, a Sartorius-format set the suite generates, so that the comparisons
+    against independent implementations never all skip."""
+    if request.param == "shared":
+        return request.getfixturevalue("real_csv")
+    from bench.data.synth import generate
+
+    out = tmp_path_factory.mktemp("metric-synth") / "data"
+    generate(out, n_images=30, size=(160, 128), seed=3)
+    return out / "train.csv"
+
+
 @pytest.fixture(scope="module")
-def real(real_csv):
-    """The real set: cellbench's dataset, the raw csv rows, and the chosen small images:
+def real(metric_csv):
+    """The annotation set: cellbench's dataset, the raw csv rows, and the chosen small images:
     the 3 cort, 3 astro and 2 shsy5y images with the fewest masks (+1 cort left unpredicted)."""
-    ds = read_sartorius(real_csv, require_images=False)
-    rows = _rows_by_id(real_csv)
+    ds = read_sartorius(metric_csv, require_images=False)
+    rows = _rows_by_id(metric_csv)
     by_type: dict[str, list[str]] = {}
     for iid, g in sorted(rows.items(), key=lambda kv: len(kv[1]["ann"])):
         by_type.setdefault(g["ct"], []).append(iid)
@@ -229,7 +244,7 @@ def test_kaggle_metric_equals_naive_dense_reference(real, perturbed, kaggle_resu
     assert abs(res["kaggle_map"] - np.mean(list(naive.values()))) <= 1e-12
     # the perturbations bite, but not completely: a meaningful, non-trivial comparison
     vals = [naive[i] for i in real["chosen"]]
-    assert 0.2 < np.mean(vals) < 0.95 and min(vals) > 0
+    assert 0.05 < np.mean(vals) < 0.95 and min(vals) > 0  # perturbed, neither trivial nor empty
     assert naive[real["empty"]] == 0.0 and res["per_image"][real["empty"]] == 0.0
     assert set(res["per_class"]) == {"cort", "astro", "shsy5y"}
 
@@ -489,7 +504,7 @@ def test_submission_with_unknown_id_is_an_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def good_and_worse(real):
-    """All 56 real images: gt-derived predictions (overlaps resolved) vs the same minus half the masks."""
+    """Every image of the set: gt-derived predictions (overlaps resolved) vs the same minus half the masks."""
     rng = np.random.default_rng(7)
     gtd = {s.image_id: (s.instances, s.meta["cell_type"]) for s in real["ds"]}
     good, worse = {}, {}
@@ -514,11 +529,11 @@ def test_bootstrap_ci_contains_mean_and_is_seeded(good_and_worse):
         assert clo <= res["per_class"][c] <= chi
 
 
-def test_paired_bootstrap_better_and_self(good_and_worse):
+def test_paired_bootstrap_better_and_self(good_and_worse, real):
     good, worse = good_and_worse
     assert good["kaggle_map"] > worse["kaggle_map"] + 0.2
     t = paired_bootstrap(good["per_image"], worse["per_image"], n_resamples=1000, seed=0)
-    assert t.verdict == "better" and t.p_a_better > 0.95 and t.n_images == 56
+    assert t.verdict == "better" and t.p_a_better > 0.95 and t.n_images == len(real["ds"])
     assert t.diff_ci95[0] > 0
     assert paired_bootstrap(worse["per_image"], good["per_image"], 1000).verdict == "worse"
     s = paired_bootstrap(good["per_image"], good["per_image"], n_resamples=1000, seed=0)
@@ -543,7 +558,7 @@ def _subset_csv(src, dst, ids) -> None:
                 w.writerow(row)
 
 
-def test_cli_eval_json_and_broken_rle(real, real_csv, kaggle_result, tmp_path):
+def test_cli_eval_json_and_broken_rle(real, metric_csv, kaggle_result, tmp_path):
     from typer.testing import CliRunner
 
     from bench.cli import app
@@ -551,7 +566,7 @@ def test_cli_eval_json_and_broken_rle(real, real_csv, kaggle_result, tmp_path):
 
     ids = kaggle_result["ids"]
     gt_csv = tmp_path / "gt.csv"
-    _subset_csv(real_csv, gt_csv, ids)
+    _subset_csv(metric_csv, gt_csv, ids)
     gt = read_sartorius(gt_csv, require_images=False)
     preds = read_submission(kaggle_result["sub"], {s.image_id: (s.height, s.width) for s in gt}, gt.classes)
     sub = tmp_path / "sub.csv"
@@ -585,12 +600,12 @@ def test_cli_eval_json_and_broken_rle(real, real_csv, kaggle_result, tmp_path):
     assert f"bad.csv:{n}" in r.output and "odd number" in r.output
 
 
-def test_label_lookup_overlaps_equal_sparse_product(real_csv):
+def test_label_lookup_overlaps_equal_sparse_product(metric_csv):
     """The Kaggle fast path (pred label image) and the general sparse product agree exactly."""
     from bench.metrics.kaggle import resolve_overlaps
     from bench.metrics.matching import mask_overlaps, overlaps_disjoint_pred
 
-    ds = read_sartorius(real_csv, require_images=False)
+    ds = read_sartorius(metric_csv, require_images=False)
     rng = np.random.default_rng(5)
     for s in ds.samples[:6]:
         g = s.instances
