@@ -12,7 +12,7 @@ from bench.data.errors import DataError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="cellbench: compare cell instance-segmentation models fairly.")
-data_app = typer.Typer(no_args_is_help=True, help="Datasets: synthesise, check, describe, split.")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: synthesise, check, describe, split, download.")
 app.add_typer(data_app, name="data")
 
 
@@ -118,6 +118,57 @@ def data_split(data: Path = typer.Argument(...), val: float = typer.Option(0.2, 
     dest = out or ((data if data.is_dir() else data.parent) / "split.json")
     write_split(split, dest)
     typer.echo(f"{len(split['train'])} train / {len(split['val'])} val images, hash {split['hash']} -> {dest}")
+
+
+@data_app.command("get")
+def data_get(name: Optional[str] = typer.Argument(None, help="dsb2018 | livecell | usiigaci | sartorius "
+                                                             "(none: list them with their URLs)."),
+             to: Optional[Path] = typer.Option(None, "--to", help="Target folder (must not exist or be empty)."),
+             variant: Optional[str] = typer.Option(None, "--variant", help="dsb2018: bbbc038 (default) | fixed; "
+                                                                           "livecell: all (default) or a cell line "
+                                                                           "(a172, bt474, bv2, huh7, mcf7, shsy5y, "
+                                                                           "skbr3, skov3)."),
+             url: Optional[str] = typer.Option(None, "--url", help="Base URL of a mirror holding the files by "
+                                                                   "name (default: $CELLBENCH_DATA_MIRROR, else the "
+                                                                   "public sources)."),
+             no_verify: bool = typer.Option(False, "--no-verify", help="Proceed where no sha256 is published "
+                                                                       "(the sha256 of what was fetched is printed)."),
+             check: bool = typer.Option(False, "--check", help="Do not download: read and check the folder --to "
+                                                               "(every image and mask)."),
+             retries: int = typer.Option(3, "--retries", min=0, help="Resumed attempts of an interrupted transfer.")):
+    """Download a public dataset (progress bar, sha256, unpacked into a layout `bench run --data` reads).
+    Never runs implicitly; an existing non-empty --to is left untouched."""
+    from bench.data import download as dl
+
+    if name is None:
+        typer.echo(dl.listing())
+        return
+    try:
+        info = dl.dataset_info(name)
+        if to is None:
+            raise DataError(name, "--to DIR is required")
+        if check:
+            from bench.data.io import load_dataset
+            from bench.data.stats import check_dataset
+
+            marker = to / dl.MARKER
+            rel = json.loads(marker.read_text()).get("data", ".") if marker.is_file() else info.data
+            s = check_dataset(load_dataset(to / rel))
+            typer.echo(f"ok: {to / rel}: {s['images']} images, {s['masks']} masks, classes "
+                       f"{', '.join(s['classes'])}")
+            return
+        if info.plan is None:
+            typer.echo(info.manual.format(to=to))
+            return
+        res = dl.get(name, to, variant, url, verify=not no_verify, retries=retries, echo=typer.echo)
+    except (DataError, OSError, ValueError) as e:
+        _fail(e)
+    if res.status == "present":
+        typer.echo(f"{res.target} already holds {name} (left untouched)")
+    else:
+        typer.echo(f"{name}: {res.images} images in {res.target}"
+                   + (f" ({res.resumed} interrupted transfer(s) resumed)" if res.resumed else ""))
+    typer.echo(f"use: bench run --data {res.data} ...")
 
 
 # ---------------------------------------------------------------------------
