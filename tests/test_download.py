@@ -371,6 +371,10 @@ def test_existing_target_is_left_untouched(server, tmp_path, monkeypatch):
     r = CliRunner().invoke(app, ["data", "get", "dsb2018", "--to", str(done), "--no-verify"])
     assert r.exit_code == 0 and "already holds dsb2018 (left untouched)" in r.output
     assert server.log == [] and sorted((p.relative_to(done), p.stat().st_mtime_ns) for p in done.rglob("*")) == before
+    r = CliRunner().invoke(app, ["data", "get", "dsb2018", "--to", str(done), "--variant", "bbbc038", "--no-verify"])
+    assert r.exit_code == 0 and "already holds" in r.output  # the default variant, named
+    r = CliRunner().invoke(app, ["data", "get", "dsb2018", "--to", str(done), "--variant", "fixed", "--no-verify"])
+    assert r.exit_code == 2 and "left untouched" in r.output and server.log == []
 
 
 def test_empty_existing_target_is_used(server, tmp_path):

@@ -387,6 +387,7 @@ def get(name: str, to: str | Path, variant: str | None = None, base_url: str | N
     info = dataset_info(name)
     target = Path(to)
     plan = plan_for(name, variant)
+    variant = variant or (info.variants[0] if info.variants else None)  # the marker names the default
     marker = target / MARKER
     if target.exists() and not _is_empty_dir(target):
         if marker.is_file():
