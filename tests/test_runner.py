@@ -408,3 +408,16 @@ def test_a_corrupt_or_missized_image_stops_the_run_before_its_folder_exists(tmp_
         _run(tmp_path, ["fake"], data)
     assert pngs[0].name in str(err.value) and other in str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_full_disk_while_saving_names_the_path_and_resume_needs_no_cleanup(tmp_path, tiny_synth):
+    counters = tmp_path / "c"
+    counters.mkdir()
+    spec = f"fake:mode=disk_full_save_once,counter_dir={counters}"
+    run_dir, out = _run(tmp_path, [spec], tiny_synth)
+    assert out[0].state == "failed"
+    assert "No space left on device" in out[0].detail and "checkpoint.tmp" in out[0].detail
+    mdir = run_dir / "models" / out[0].label
+    assert not (mdir / "checkpoint.tmp").exists() and not (mdir / "checkpoint").exists()
+    _, again = _run(tmp_path, [spec], tiny_synth, resume=True)   # space freed: resume just works
+    assert again[0].state == "done" and (mdir / "checkpoint" / "fake.json").is_file()

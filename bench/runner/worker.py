@@ -228,7 +228,13 @@ def _save_checkpoint(adapter, md: ModelDir) -> None:
     """``checkpoint.tmp`` first, then renamed: a crash never leaves a half checkpoint."""
     tmp = md.checkpoint_tmp
     _rmtree(tmp)
-    adapter.save(tmp)
+    try:
+        adapter.save(tmp)
+    except OSError as e:  # a full disk, a quota: no half checkpoint stays behind, and the path is named
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, f"writing the checkpoint {tmp} failed: {e.strerror or e}") from None
     _rmtree(md.checkpoint)
     os.replace(tmp, md.checkpoint)
 

@@ -20,7 +20,7 @@ from bench.adapters.registry import register
 
 class FakeConfig(AdapterConfig):
     mode: Literal["ok", "crash_fit", "crash_predict", "crash_predict_once", "kill", "kill_fit_once",
-                  "drop_half"] = "ok"
+                  "drop_half", "disk_full_save_once"] = "ok"
     counter_dir: str = ""
     iterations: int = 3
     fit_sleep: float = 0.0      # seconds to sleep in fit (timeouts, interrupts)
@@ -90,6 +90,11 @@ class FakeAdapter(Adapter):
     def save(self, directory):
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "fake.json").write_text(self.cfg.model_dump_json())
+        if self.cfg.mode == "disk_full_save_once" and _bump(self.cfg, "save") == 1:
+            import errno
+
+            (directory / "weights.part").write_bytes(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
 
     def load(self, directory):
         self.cfg = self.Config(**json.loads((directory / "fake.json").read_text()))
