@@ -121,10 +121,11 @@ def _tif(arr: np.ndarray) -> bytes:
 
 
 def _zip(members: dict[str, bytes]) -> bytes:
+    """A zip whose bytes depend on its members only (fixed timestamps), so checksums are stable."""
     b = io.BytesIO()
     with zipfile.ZipFile(b, "w", zipfile.ZIP_DEFLATED) as z:
         for n, data in members.items():
-            z.writestr(n, data)
+            z.writestr(zipfile.ZipInfo(n, date_time=(2020, 1, 1, 0, 0, 0)), data, zipfile.ZIP_DEFLATED)
     return b.getvalue()
 
 
