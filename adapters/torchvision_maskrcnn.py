@@ -66,6 +66,42 @@ class TorchvisionMaskRCNNConfig(AdapterConfig):
     num_workers: int = 0
 
 
+def build_network(c: TorchvisionMaskRCNNConfig, n_classes: int, mean: float, std: float):
+    """torchvision's MaskRCNN from the config (torchvision's public API only, untrained): the adapter
+    trains it, and `make bench`'s native torchvision loop trains the very same network."""
+    import torchvision
+    from torch import nn
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+    from torchvision.ops import misc as misc_nn_ops
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+    norm = {"gn": lambda ch: nn.GroupNorm(min(32, ch // 4), ch), "bn": nn.BatchNorm2d,
+            "frozen_bn": misc_nn_ops.FrozenBatchNorm2d}[c.norm]
+    resnet = getattr(torchvision.models, c.backbone)(weights=None, norm_layer=norm)
+    widths = [64, 128, 256, 512] if c.backbone in ("resnet18", "resnet34") else [256, 512, 1024, 2048]
+    backbone = BackboneWithFPN(resnet, {f"layer{k}": str(k - 1) for k in range(1, 5)}, widths, c.fpn_channels,
+                               extra_blocks=LastLevelMaxPool())
+    box_head = TwoMLPHead(c.fpn_channels * 7 * 7, c.box_head_dim)
+    mask_head = MaskRCNNHeads(c.fpn_channels, c.mask_head_layers, 1)
+    anchors = AnchorGenerator(sizes=tuple((s,) for s in c.anchor_sizes),
+                              aspect_ratios=(tuple(c.aspect_ratios),) * len(c.anchor_sizes))
+    return MaskRCNN(
+        backbone, num_classes=None, rpn_anchor_generator=anchors,
+        min_size=c.min_size, max_size=c.max_size, image_mean=[mean] * 3, image_std=[std] * 3,
+        rpn_pre_nms_top_n_train=c.rpn_pre_nms_top_n_train, rpn_post_nms_top_n_train=c.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=c.rpn_pre_nms_top_n_test, rpn_post_nms_top_n_test=c.rpn_post_nms_top_n_test,
+        rpn_nms_thresh=c.rpn_nms_thresh, box_batch_size_per_image=c.box_batch_size_per_image,
+        box_detections_per_img=c.detections_per_image, box_score_thresh=c.box_score_thresh,
+        box_nms_thresh=c.box_nms_thresh, box_head=box_head, mask_head=mask_head,
+        box_predictor=FastRCNNPredictor(c.box_head_dim, n_classes + 1),
+        mask_predictor=MaskRCNNPredictor(c.mask_head_layers[-1], c.mask_head_layers[-1], n_classes + 1),
+    )
+
+
 @register("maskrcnn-tv")
 class TorchvisionMaskRCNN(TrainableAdapter):
     framework = "torchvision"
@@ -90,39 +126,9 @@ class TorchvisionMaskRCNN(TrainableAdapter):
     # ---- model -----------------------------------------------------------------
     def _build(self):
         import torch
-        from torch import nn
-        import torchvision
-        from torchvision.models.detection import MaskRCNN
-        from torchvision.models.detection.anchor_utils import AnchorGenerator
-        from torchvision.models.detection.backbone_utils import BackboneWithFPN
-        from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-        from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-        from torchvision.ops import misc as misc_nn_ops
-        from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
         c: TorchvisionMaskRCNNConfig = self.cfg  # type: ignore[assignment]
-        norm = {"gn": lambda ch: nn.GroupNorm(min(32, ch // 4), ch), "bn": nn.BatchNorm2d,
-                "frozen_bn": misc_nn_ops.FrozenBatchNorm2d}[c.norm]
-        resnet = getattr(torchvision.models, c.backbone)(weights=None, norm_layer=norm)
-        widths = [64, 128, 256, 512] if c.backbone in ("resnet18", "resnet34") else [256, 512, 1024, 2048]
-        backbone = BackboneWithFPN(resnet, {f"layer{k}": str(k - 1) for k in range(1, 5)}, widths, c.fpn_channels,
-                                   extra_blocks=LastLevelMaxPool())
-        box_head = TwoMLPHead(c.fpn_channels * 7 * 7, c.box_head_dim)
-        mask_head = MaskRCNNHeads(c.fpn_channels, c.mask_head_layers, 1)
-        anchors = AnchorGenerator(sizes=tuple((s,) for s in c.anchor_sizes),
-                                  aspect_ratios=(tuple(c.aspect_ratios),) * len(c.anchor_sizes))
-        mean, std = (self.pixel_mean or 0.5), (self.pixel_std or 0.25)
-        model = MaskRCNN(
-            backbone, num_classes=None, rpn_anchor_generator=anchors,
-            min_size=c.min_size, max_size=c.max_size, image_mean=[mean] * 3, image_std=[std] * 3,
-            rpn_pre_nms_top_n_train=c.rpn_pre_nms_top_n_train, rpn_post_nms_top_n_train=c.rpn_post_nms_top_n_train,
-            rpn_pre_nms_top_n_test=c.rpn_pre_nms_top_n_test, rpn_post_nms_top_n_test=c.rpn_post_nms_top_n_test,
-            rpn_nms_thresh=c.rpn_nms_thresh, box_batch_size_per_image=c.box_batch_size_per_image,
-            box_detections_per_img=c.detections_per_image, box_score_thresh=c.box_score_thresh,
-            box_nms_thresh=c.box_nms_thresh, box_head=box_head, mask_head=mask_head,
-            box_predictor=FastRCNNPredictor(c.box_head_dim, len(self.classes) + 1),
-            mask_predictor=MaskRCNNPredictor(c.mask_head_layers[-1], c.mask_head_layers[-1], len(self.classes) + 1),
-        )
+        model = build_network(c, len(self.classes), self.pixel_mean or 0.5, self.pixel_std or 0.25)
         if c.weights:
             path = check_weights_file(c.weights)
             state = torch.load(path, map_location="cpu", weights_only=True)
