@@ -307,22 +307,12 @@ def _check_coco(json_path: Path, data) -> None:
             raise DataError(json_path, f"'{key}' is a {type(data[key]).__name__}, not a list")
     for k, c in enumerate(data["categories"]):
         where = f"{json_path}: category #{k}"
-        if not isinstance(c, dict):
-            raise DataError(where, f"is a {type(c).__name__}, not an object")
-        if "id" not in c:
-            raise DataError(where, "has no 'id'")
-        if not is_int(c["id"]):
-            raise DataError(where, f"id {c['id']!r} is not an integer")
+        _check_entry(where, c, is_int, "an integer")
         if not isinstance(c.get("name"), str) or not c["name"].strip():
             raise DataError(f"{where} (id {c['id']})", f"name {c.get('name')!r} is not a non-empty string")
     for k, im in enumerate(data["images"]):
         where = f"{json_path}: image #{k}"
-        if not isinstance(im, dict):
-            raise DataError(where, f"is a {type(im).__name__}, not an object")
-        if "id" not in im:
-            raise DataError(where, "has no 'id'")
-        if not _coco_id(im["id"]):
-            raise DataError(where, f"id {im['id']!r} is not an integer or string")
+        _check_entry(where, im, _coco_id, "an integer or string")
         where = f"{where} (id {im['id']!r})"
         for f in ("height", "width"):
             if f not in im:
@@ -342,6 +332,16 @@ def _check_coco(json_path: Path, data) -> None:
             raise DataError(where, f"image_id {ann['image_id']!r} is not an integer or string")
         if not is_int(ann["category_id"]):
             raise DataError(where, f"category_id {ann['category_id']!r} is not an integer")
+
+
+def _check_entry(where: str, entry, id_ok, id_kind: str) -> None:
+    """A COCO list entry is an object with an ``id`` that ``id_ok`` accepts (else DataError naming it)."""
+    if not isinstance(entry, dict):
+        raise DataError(where, f"is a {type(entry).__name__}, not an object")
+    if "id" not in entry:
+        raise DataError(where, "has no 'id'")
+    if not id_ok(entry["id"]):
+        raise DataError(where, f"id {entry['id']!r} is not {id_kind}")
 
 
 def _key(v):
