@@ -86,6 +86,7 @@ class Progress:
 def main(model_dir: Path) -> int:
     from bench.adapters import registry
     from bench.adapters.base import FitContext
+    from bench.adapters.trainable import seed_everything
     from bench.data.io import load_dataset
     from bench.data.predictions import read_predictions, write_predictions
     from bench.data.split import read_split
@@ -146,7 +147,7 @@ def main(model_dir: Path) -> int:
                          val=list(val), eval_every=int(getattr(cfg, "eval_every", 0) or 0),
                          log_val=lambda rec: append_jsonl(curve_path, {**rec, "t": time.time()}))
         ctx.workdir.mkdir(parents=True, exist_ok=True)
-        _seed_everything(job.seed)
+        seed_everything(job.seed)  # every model, trained or not (the trainable base seeds again: harmless)
         t0 = time.perf_counter()
         adapter.fit(list(train), list(val), cfg, ctx)
         train_s = time.perf_counter() - t0 - ctx.validation_seconds
@@ -237,23 +238,6 @@ def _save_checkpoint(adapter, md: ModelDir) -> None:
         raise OSError(e.errno, f"writing the checkpoint {tmp} failed: {e.strerror or e}") from None
     _rmtree(md.checkpoint)
     os.replace(tmp, md.checkpoint)
-
-
-def _seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    if "torch" in sys.modules or _has_torch():
-        import torch
-
-        torch.manual_seed(seed)
-
-
-def _has_torch() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("torch") is not None
 
 
 def _rmtree(p: Path) -> None:
