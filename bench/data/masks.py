@@ -20,14 +20,13 @@ from bench.data import rle
 from bench.data.sample import Instances
 
 
-def _crop_window(box, height: int, width: int, margin: float = 0.15) -> tuple[int, int, int, int]:
-    """(y0, y1, x0, x1) around an (x0, y0, x1, y1) box: pasted masks may spill a little past it
+def _column_window(box, width: int, margin: float = 0.15) -> tuple[int, int]:
+    """Columns (x0, x1) around an (x0, y0, x1, y1) box: pasted masks may spill a little past it
     (Mask R-CNN pastes a 28x28 grid with padding)."""
-    bx0, by0, bx1, by1 = (float(v) for v in box)
-    pad_x, pad_y = 2 + margin * (bx1 - bx0), 2 + margin * (by1 - by0)
-    x0, y0 = max(int(bx0 - pad_x), 0), max(int(by0 - pad_y), 0)
-    x1, y1 = min(int(np.ceil(bx1 + pad_x)), width), min(int(np.ceil(by1 + pad_y)), height)
-    return y0, max(y1, y0), x0, max(x1, x0)
+    bx0, bx1 = float(box[0]), float(box[2])
+    pad = 2 + margin * (bx1 - bx0)
+    x0, x1 = max(int(bx0 - pad), 0), min(int(np.ceil(bx1 + pad)), width)
+    return x0, max(x1, x0)
 
 
 def strip_counts(mask: np.ndarray, x0: int, x1: int) -> np.ndarray:
@@ -55,7 +54,7 @@ def instances_from_masks(masks: np.ndarray, boxes: np.ndarray, scores: np.ndarra
     counts, keep = [], []
     for i in range(len(boxes)):
         m = np.asarray(masks[i], dtype=bool)
-        _, _, x0, x1 = _crop_window(boxes[i], height, width)
+        x0, x1 = _column_window(boxes[i], width)
         total = int(np.count_nonzero(m))
         if total == 0:
             continue
