@@ -71,7 +71,7 @@ from pydantic import Field, field_validator, model_validator
 
 from bench.adapters.base import AdapterConfig, Capabilities, FitContext, check_weights_file
 from bench.adapters.registry import register
-from bench.adapters.trainable import TrainableAdapter, amp_enabled
+from bench.adapters.trainable import TrainableAdapter, amp_enabled, load_matching_state
 from bench.data import rle
 from bench.data.masks import instances_from_masks
 from bench.data.normalize import to_rgb, to_uint8
@@ -667,33 +667,9 @@ def _load_weights(model, path: Path, logger=None) -> None:
     import torch
     from mmengine.logging import MMLogger
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    sd = ckpt
-    if isinstance(ckpt, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(ckpt.get(key), dict):
-                sd = ckpt[key]
-                break
-    if not isinstance(sd, dict):
-        raise ValueError(f"cascade: {path} holds no state dict (got {type(sd).__name__})")
-    sd = {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items() if hasattr(v, "shape")}
-    own = model.state_dict()
-    if not any(k in own for k in sd) and any(("backbone." + k) in own for k in sd):
-        sd = {"backbone." + k: v for k, v in sd.items()}  # a bare backbone (e.g. a torchvision ResNet)
-    matched = {k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
-    if not matched:
-        raise ValueError(f"cascade: no parameter in {path} matches the model (wrong file or architecture?)")
-    reshaped = sorted(k for k in sd if k in own and k not in matched)  # e.g. heads with another class count
-    absent = sorted(k for k in own if k not in sd)
-    unused = sorted(k for k in sd if k not in own)
-    model.load_state_dict(matched, strict=False)
-    msg = f"cascade: {len(matched)} of {len(own)} model tensors loaded from {path}"
-    for what, keys in (("have another shape and keep their initialisation", reshaped),
-                       ("are not in the file and keep their initialisation", absent),
-                       ("of the file match no model tensor", unused)):
-        if keys:
-            msg += f"; {len(keys)} {what} (e.g. {', '.join(keys[:3])})"
+    match = load_matching_state(model, torch.load(path, map_location="cpu", weights_only=False), path, "cascade")
+    msg, absent, unused = match.message("cascade", path), match.absent, match.unused
     if absent and any(".gn" in k or "gn1" in k for k in absent) and any("bn1" in k for k in unused):
         msg += "; the file has BatchNorm layers: set norm=BN (and norm_eval/frozen_stages as for fine-tuning)"
     logger = logger or MMLogger.get_current_instance()
-    (logger.warning if (reshaped or absent or unused) else logger.info)(msg)
+    (logger.warning if (match.reshaped or absent or unused) else logger.info)(msg)

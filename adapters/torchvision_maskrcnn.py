@@ -9,7 +9,6 @@ do not fit (e.g. COCO's 91-class heads) are skipped and counted.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -18,8 +17,8 @@ from pydantic import Field
 
 from bench.adapters.base import AdapterConfig, Capabilities, FitContext, check_weights_file
 from bench.adapters.registry import register
-from bench.adapters.trainable import TrainableAdapter, amp_enabled
-from bench.data.masks import instances_from_masks
+from bench.adapters.trainable import TrainableAdapter, amp_enabled, build_optimizer, load_matching_state, optimizer_step, step_lr
+from bench.data.masks import instances_from_masks, masks_to_boxes
 from bench.data.normalize import to_rgb
 from bench.data.sample import Instances, Sample
 
@@ -134,12 +133,8 @@ class TorchvisionMaskRCNN(TrainableAdapter):
         model = build_network(c, len(self.classes), self.pixel_mean or 0.5, self.pixel_std or 0.25)
         if c.weights:
             path = check_weights_file(c.weights)
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            state = state.get("model", state) if isinstance(state, dict) else state
-            own = model.state_dict()
-            fit = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-            model.load_state_dict(fit, strict=False)
-            self.weights_report = {"loaded": len(fit), "skipped": len(state) - len(fit)}
+            self.weights_match = load_matching_state(
+                model, torch.load(path, map_location="cpu", weights_only=True), path, "maskrcnn-tv")
         return model.to(self.device)
 
     def _tensor(self, image: np.ndarray):
@@ -163,39 +158,23 @@ class TorchvisionMaskRCNN(TrainableAdapter):
         self.model = self._build()
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        if c.optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
-        else:
-            opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        opt = build_optimizer(c, params)
         use_amp = amp_enabled(c, self.device, ctx)
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         train_sizes = self._train_sizes(c)
         self.model.transform.min_size = train_sizes
         loader = self._loader(images, [s.instances for s in samples], ctx.seed)
-
-        def lr_at(it: int) -> float:
-            warm = min(1.0, (it + 1) / max(c.warmup_iters, 1))
-            return c.lr * warm * c.lr_gamma ** sum(it >= s for s in c.lr_steps)
-
         for it, batch in enumerate(loader):
             for g in opt.param_groups:
-                g["lr"] = lr_at(it)
+                g["lr"] = step_lr(c, it)
             imgs = [img.to(self.device, non_blocking=True) for img, _ in batch]
             targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for _, t in batch]
             with torch.autocast("cuda", enabled=use_amp):
                 losses = self.model(imgs, targets)
                 loss = sum(losses.values())
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss is {float(loss)} at iteration {it}: lower lr")
-            opt.zero_grad()
-            scaler.scale(loss).backward()
-            if c.grad_clip:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
-            scaler.step(opt)
-            scaler.update()
+            optimizer_step(loss, opt, scaler, params, c.grad_clip)
             if it % c.log_every == 0 or it == c.iterations - 1:
-                ctx.log_step(it + 1, loss=loss.item(), parts={k: v.item() for k, v in losses.items()}, lr=lr_at(it))
+                ctx.log_step(it + 1, loss=loss.item(), parts={k: v.item() for k, v in losses.items()}, lr=step_lr(c, it))
             ctx.report(it + 1, c.iterations, loss=loss.item())
             if ctx.validation_due(it + 1, c.iterations):
                 ctx.validate(it + 1, self.predict)
@@ -241,14 +220,9 @@ class TorchvisionMaskRCNN(TrainableAdapter):
             m = img.mean()
             img = ((img - m) * float(contrast) + m * float(brightness)).clamp(0, 1)
         masks = np.ascontiguousarray(masks)
-        ys = masks.any(axis=2)
-        xs = masks.any(axis=1)
-        boxes = []
-        for y, x in zip(ys, xs):
-            yy, xx = np.flatnonzero(y), np.flatnonzero(x)
-            boxes.append([xx[0], yy[0], xx[-1] + 1, yy[-1] + 1])
+        boxes = masks_to_boxes(masks)
         labels = np.clip(inst.classes, 0, None) + 1
-        return img, {"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.from_numpy(labels),
+        return img, {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels),
                      "masks": torch.from_numpy(masks.astype(np.uint8))}
 
     # ---- inference -----------------------------------------------------------------

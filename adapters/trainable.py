@@ -13,7 +13,9 @@ into :class:`~bench.data.sample.Instances`, and how to save/load its weights. Sh
   :func:`amp_enabled`), the same for every model;
 * **one checkpoint layout**: the adapter's weights plus ``meta.json`` (adapter, classes, config,
   input policy, schema version, adapter extras), checked on load with a clear error;
-* one masks-to-instances path (:func:`bench.data.masks.instances_from_masks`).
+* one masks-to-instances path (:func:`bench.data.masks.instances_from_masks`);
+* for loops cellbench writes itself, the warm-up + step learning rate (:func:`step_lr`), and for
+  user-named weights files, one tolerant state-dict loader (:func:`load_matching_state`).
 
 Framework imports stay inside functions: importing this module imports no framework.
 """
@@ -21,6 +23,7 @@ Framework imports stay inside functions: importing this module imports no framew
 from __future__ import annotations
 
 import abc
+import dataclasses
 import json
 import os
 import random
@@ -107,6 +110,94 @@ def amp_enabled(cfg: AdapterConfig, device: str, ctx: FitContext | None = None) 
     if asked and not on_cuda and ctx is not None:
         ctx.log(step=0, note="amp=true ignored: mixed precision needs CUDA")
     return asked and on_cuda
+
+
+def step_lr(cfg: AdapterConfig, it: int) -> float:
+    """Learning rate at 0-based iteration ``it``: linear warm-up over ``warmup_iters``, then times
+    ``lr_gamma`` at each of ``lr_steps`` (Detectron2's WarmupMultiStepLR without its warm-up
+    factor), for adapters whose training loop is cellbench's own."""
+    warm = min(1.0, (it + 1) / max(int(getattr(cfg, "warmup_iters", 0)), 1))
+    return cfg.lr * warm * cfg.lr_gamma ** sum(it >= s for s in cfg.lr_steps)  # type: ignore[attr-defined]
+
+
+def build_optimizer(cfg: AdapterConfig, params: list):
+    """``optimizer`` of the vocabulary for loops cellbench writes itself: sgd (with ``momentum``)
+    or adam/adamw, at ``lr`` and ``weight_decay``."""
+    import torch
+
+    kind = getattr(cfg, "optimizer", "sgd")
+    if kind in ("adam", "adamw"):
+        cls = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
+        return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)  # type: ignore[attr-defined]
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=getattr(cfg, "momentum", 0.9),  # type: ignore[attr-defined]
+                           weight_decay=cfg.weight_decay)  # type: ignore[attr-defined]
+
+
+def optimizer_step(loss, opt, scaler, params: list, grad_clip: float | None) -> None:
+    """One AMP-aware update: a non-finite loss is an error naming its value (a diverged run stops
+    at once instead of training on NaN), gradients are unscaled before clipping."""
+    import math
+
+    import torch
+
+    value = loss.item()
+    if not math.isfinite(value):
+        raise FloatingPointError(f"loss is {value}: lower lr")
+    opt.zero_grad()
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(opt)
+    scaler.update()
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsMatch:
+    """What :func:`load_matching_state` did with a weights file, tensor names by outcome."""
+
+    loaded: int
+    total: int
+    reshaped: tuple[str, ...]   # in both, another shape (e.g. heads with another class count)
+    absent: tuple[str, ...]     # in the model only: keep their initialisation
+    unused: tuple[str, ...]     # in the file only
+
+    def message(self, name: str, path: Path) -> str:
+        msg = f"{name}: {self.loaded} of {self.total} model tensors loaded from {path}"
+        for what, keys in (("have another shape and keep their initialisation", self.reshaped),
+                           ("are not in the file and keep their initialisation", self.absent),
+                           ("of the file match no model tensor", self.unused)):
+            if keys:
+                msg += f"; {len(keys)} {what} (e.g. {', '.join(keys[:3])})"
+        return msg
+
+
+def load_matching_state(model, state: Any, path: Path, name: str) -> WeightsMatch:
+    """Load into ``model`` every tensor of a user-named checkpoint whose name and shape match.
+
+    Accepts a bare state dict or one wrapped in ``state_dict``/``model`` (mmengine, Detectron2,
+    torchvision references), strips DataParallel's ``module.``, and reads a bare backbone into
+    ``backbone.*``. Starting from weights trained elsewhere (another class count, another head) is
+    the point of the option, so mismatches are reported, not fatal; a file that matches nothing is
+    an error naming it."""
+    sd = state
+    if isinstance(state, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                sd = state[key]
+                break
+    if not isinstance(sd, dict):
+        raise ValueError(f"{name}: {path} holds no state dict (got {type(sd).__name__})")
+    sd = {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items() if hasattr(v, "shape")}
+    own = model.state_dict()
+    if not any(k in own for k in sd) and any(("backbone." + k) in own for k in sd):
+        sd = {"backbone." + k: v for k, v in sd.items()}
+    matched = {k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    if not matched:
+        raise ValueError(f"{name}: no parameter in {path} matches the model (wrong file or architecture?)")
+    model.load_state_dict(matched, strict=False)
+    return WeightsMatch(len(matched), len(own), tuple(sorted(k for k in sd if k in own and k not in matched)),
+                        tuple(sorted(k for k in own if k not in sd)), tuple(sorted(k for k in sd if k not in own)))
 
 
 # ---------------------------------------------------------------------------

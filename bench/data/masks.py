@@ -65,3 +65,16 @@ def instances_from_masks(masks: np.ndarray, boxes: np.ndarray, scores: np.ndarra
     keep_idx = np.asarray(keep, dtype=np.int64)
     return Instances(height, width, counts, np.asarray(classes, dtype=np.int64)[keep_idx],
                      np.asarray(scores, dtype=np.float64)[keep_idx])
+
+
+def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
+    """``(N, H, W)`` non-empty masks -> ``(N, 4)`` float32 boxes ``x0, y0, x1, y1`` (end-exclusive,
+    the pixel-edge convention of torchvision and Detectron2 targets)."""
+    boxes = np.zeros((len(masks), 4), np.float32)
+    for i, (rows, cols) in enumerate(zip(masks.any(axis=2), masks.any(axis=1))):
+        yy, xx = np.flatnonzero(rows), np.flatnonzero(cols)
+        if len(yy) == 0:
+            raise ValueError(f"mask {i} is empty: it has no box")
+        boxes[i] = (xx[0], yy[0], xx[-1] + 1, yy[-1] + 1)
+    return boxes
+
