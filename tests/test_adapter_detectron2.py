@@ -101,8 +101,8 @@ def test_paper_preset_lands_on_detectron2_keys(monkeypatch):
         "MODEL.RPN.POST_NMS_TOPK_TEST": 2000,
         "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 512,
         "TEST.DETECTIONS_PER_IMAGE": 700,
-        "MODEL.PIXEL_MEAN": [127.965] * 3,       # the preset's value wins over the data's
-        "MODEL.PIXEL_STD": [4.0] * 3,            # not set by the preset: the data's
+        "MODEL.PIXEL_MEAN": [1.0, 2.0, 3.0],     # not set by the preset: the data's (input policy)
+        "MODEL.PIXEL_STD": [4.0] * 3,
         "SOLVER.BASE_LR": 5e-4,
         "SOLVER.GAMMA": 0.8,
         "SOLVER.STEPS": (2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000),
@@ -119,6 +119,9 @@ def test_paper_preset_lands_on_detectron2_keys(monkeypatch):
         assert o[k] == v, (k, o[k], v)
         assert type(o[k]) is type(v), k  # yacs refuses e.g. an int where a float was
     assert len(o["INPUT.MIN_SIZE_TRAIN"]) > 1 and o["INPUT.MIN_SIZE_TRAIN_SAMPLING"] == "choice"  # multi-scale
+    given = make_config("maskrcnn", "paper", {"pixel_mean": 127.965})   # a value given wins over the data's
+    assert d2m.to_detectron2_opts(given, num_classes=3, device="cpu", pixel_mean=[1.0] * 3, pixel_std=[4.0] * 3)["MODEL.PIXEL_MEAN"] \
+        == [127.965] * 3
 
 
 def test_every_preset_validates_and_maps():
