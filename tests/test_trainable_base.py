@@ -125,3 +125,152 @@ def test_checkpoint_meta_is_checked(tmp_path):
         read_meta(tmp_path, "cellpose")
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     assert read_meta(tmp_path, "cellpose")["adapter"] == "cellpose"
+
+
+# ---- the template (fit / save / load) with a framework-free adapter ------------------------------
+
+from pathlib import Path  # noqa: E402
+
+from bench.adapters.base import AdapterConfig, Capabilities  # noqa: E402
+from bench.adapters.trainable import TrainableAdapter, amp_enabled, configure_torch, seed_everything  # noqa: E402
+
+
+class _ToyConfig(AdapterConfig):
+    iterations: int = 2
+
+
+class _Toy(TrainableAdapter):
+    """Trains 'weights' from numpy's global RNG: what it learns depends only on the seeding the base does."""
+
+    name = "toy"
+    framework = "numpy"
+    capabilities = Capabilities(predicts_classes=False, overlapping_masks=False)
+    Config = _ToyConfig
+
+    def train(self, train, val, ctx):
+        self.clock_started = ctx._t0 is not None
+        self.weights = np.random.rand(3)
+
+    def predict(self, samples):
+        return []
+
+    def save_weights(self, directory: Path) -> None:
+        np.save(directory / "w.npy", self.weights)
+
+    def load_weights(self, directory: Path) -> None:
+        self.weights = np.load(directory / "w.npy")
+
+    def checkpoint_extra(self) -> dict:
+        return {"scale": float(self.weights.sum())}
+
+    def restore_extra(self, extra: dict) -> None:
+        self.scale = extra["scale"]
+
+
+def _toy_fit(tmp_path, seed: int, **opts) -> _Toy:
+    cfg = _ToyConfig(**opts)
+    toy = _Toy(_ToyConfig(), ["a", "b"])
+    np.random.seed(1000 + seed)  # whatever the global RNG held before: the base seeds from ctx.seed
+    toy.fit([], [], cfg, FitContext(tmp_path / "work", seed=seed))
+    return toy
+
+
+def test_fit_seeds_and_takes_the_config_and_policy_it_is_given(tmp_path):
+    a, b, c = _toy_fit(tmp_path, 5), _toy_fit(tmp_path, 5), _toy_fit(tmp_path, 6)
+    np.testing.assert_array_equal(a.weights, b.weights)
+    assert not np.array_equal(a.weights, c.weights)
+    assert a.clock_started
+    m = _toy_fit(tmp_path, 5, input_norm="minmax", iterations=7)
+    assert m.cfg.iterations == 7 and m.policy == InputPolicy("minmax")  # fit's cfg, not the constructor's
+
+
+def test_save_load_round_trip_restores_config_classes_policy_and_extras(tmp_path):
+    toy = _toy_fit(tmp_path, 3, input_norm="fixed", iterations=9)
+    toy.save(tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / "meta.json").read_text())
+    assert meta["adapter"] == "toy" and meta["classes"] == ["a", "b"]
+    assert InputPolicy(meta["input_policy"]["norm"], tuple(meta["input_policy"]["percentiles"])) == toy.policy
+    fresh = _Toy(_ToyConfig(), ["other"])
+    fresh.load(tmp_path / "ckpt")
+    assert fresh.cfg == toy.cfg and fresh.classes == ["a", "b"] and fresh.policy == InputPolicy("fixed")
+    np.testing.assert_array_equal(fresh.weights, toy.weights)
+    assert fresh.scale == pytest.approx(float(toy.weights.sum()))
+    # a config this version does not accept: a CheckpointError naming the folder, not a pydantic trace
+    meta["config"]["no_such_option"] = 1
+    (tmp_path / "ckpt" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'ckpt'}.*does not fit"):
+        _Toy(_ToyConfig(), []).load(tmp_path / "ckpt")
+
+
+def test_seed_everything_repeats_python_numpy_and_torch_draws():
+    import random
+
+    torch = pytest.importorskip("torch")
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    seed_everything(11)
+    first = draws()
+    seed_everything(11)
+    assert draws() == first
+    seed_everything(12)
+    assert draws() != first
+
+
+def test_amp_only_where_asked_and_on_cuda(tmp_path):
+    got = []
+    ctx = FitContext(tmp_path, log_loss=got.append)
+    assert amp_enabled(_ToyConfig(), "cuda:1", ctx) is False  # the toy has no amp option: never
+    asked = type("Amp", (), {"amp": True})()
+    assert amp_enabled(asked, "cuda:1", ctx) is True and got == []
+    assert amp_enabled(asked, "cpu", ctx) is False
+    assert "mixed precision needs CUDA" in got[0]["note"]  # asked on CPU: said, not silent
+
+
+def test_configure_torch_undoes_a_frameworks_autotuning():
+    torch = pytest.importorskip("torch")
+    before = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    try:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = True, False
+        configure_torch("cpu")
+        assert torch.backends.cudnn.benchmark is False and torch.backends.cudnn.deterministic is True
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before
+
+
+# ---- the validation-point hook --------------------------------------------------------------------
+
+def test_validation_points_every_n_steps_and_at_the_end(tmp_path, tiny_synth):
+    from bench.data.io import read_sartorius
+    from bench.metrics.kaggle import quick_map
+
+    val = read_sartorius(tiny_synth).samples[:2]
+    assert not FitContext(tmp_path, eval_every=3).validation_due(3, 10)  # no validation split: never
+    assert not FitContext(tmp_path, val=val).validation_due(3, 10)       # eval_every 0: never
+    points = []
+    ctx = FitContext(tmp_path, val=val, eval_every=3, log_val=points.append)
+    assert [s for s in range(1, 11) if ctx.validation_due(s, 10)] == [3, 6, 9, 10]
+    half = [s.instances.subset(np.arange(len(s.instances)) % 2 == 0) for s in val]
+    for inst in half:
+        inst.scores = np.ones(len(inst))
+    value = ctx.validate(3, lambda samples: half)
+    assert value == points[0]["kaggle_map"] == pytest.approx(quick_map([s.instances for s in val], half))
+    assert 0 < value < 1 and points[0]["step"] == 3 and ctx.validation_seconds > 0
+
+
+# ---- input policy: what percentiles are for ------------------------------------------------------
+
+def test_percentile_policy_clips_hot_pixels_that_minmax_lets_dominate():
+    rng = np.random.default_rng(3)
+    img = rng.integers(100, 200, (64, 64)).astype(np.uint16)
+    img[5, 5] = 65535  # one hot pixel
+    pct, mm = normalize(img), normalize(img, InputPolicy("minmax"))
+    assert pct[5, 5] == 1.0 and mm[5, 5] == 1.0
+    rest = np.ones(img.shape, bool)
+    rest[5, 5] = False
+    assert pct[rest].max() > 0.9 and pct[rest].min() < 0.1  # the cells keep the whole range
+    assert mm[rest].max() < 0.01                            # under minmax they are crushed to black
+    p = InputPolicy("percentile", (2.0, 98.0))
+    d = p.as_dict()
+    assert InputPolicy(d["norm"], tuple(d["percentiles"])) == p and json.loads(json.dumps(d)) == d
