@@ -2,12 +2,13 @@
 
 import json
 import os
+from pathlib import Path
 import subprocess
 import sys
 
 import pytest
 
-from bench.store import (FitDone, Job, Manifest, ModelDir, PredictDone, RunDir, RunLocked, Status, SweepDir,
+from bench.store import (FitDone, Job, Manifest, PredictDone, RunDir, RunLocked, Status,
                          latest_run)
 
 
@@ -57,22 +58,30 @@ def test_an_older_manifest_reads(tmp_path):
     assert m.devices == {} and m.split_hash == "abc" and m.models_state["fake"]["state"] == "done"
 
 
-def test_layout_keeps_the_file_names_results_already_have(tmp_path):
-    run = RunDir(tmp_path)
-    md = run.model("cellpose--diam_mean=20")
-    assert run.manifest_path == tmp_path / "manifest.json" and run.split == tmp_path / "split.json"
-    names = {md.config: "config.yaml", md.job: "job.json", md.status: "status.json", md.log: "log.txt",
-             md.train_log: "train_log.jsonl", md.val_curve: "val_curve.jsonl", md.checkpoint: "checkpoint",
-             md.checkpoint_tmp: "checkpoint.tmp", md.predictions: "predictions.jsonl.gz",
-             md.fit_done: "fit.done.json", md.predict_done: "predict.done.json", md.metrics: "metrics.json",
-             md.tuning: "tuning.json"}
-    for path, name in names.items():
-        assert path == tmp_path / "models" / "cellpose--diam_mean=20" / name
-    assert md.run.path == tmp_path and md.label == "cellpose--diam_mean=20"
-    sw = SweepDir(tmp_path)
-    assert sw.run("base", 2).path == tmp_path / "runs" / "base" / "seed2"
-    assert sw.pretrain_run("base", 2, 0).path == tmp_path / "runs" / "base" / "seed2-pretrain0"
-    assert sw.manifest_path.name == "sweep.json"
+def _committed_runs() -> list[Path]:
+    return sorted(p.parent for p in (Path(__file__).resolve().parents[1] / "results").rglob("manifest.json")
+                  if (p.parent / "models").is_dir())
+
+
+def test_run_folders_an_earlier_cellbench_wrote_read_through_the_store():
+    """The committed run folders under results/ (written by earlier versions): every file in them is
+    one the store names, and every record reads back."""
+    runs = _committed_runs()
+    if not runs:
+        pytest.skip("no run folder committed under results/")
+    for path in runs:
+        run = RunDir(path)
+        assert run.read_manifest().models and {p for p in path.iterdir()} <= {run.manifest_path, run.split,
+                                                                              run.models_dir, run.lock_path}
+        assert run.models(), path
+        for md in run.models():
+            named = {md.config, md.job, md.status, md.log, md.train_log, md.val_curve, md.work, md.checkpoint,
+                     md.checkpoint_tmp, md.predictions, md.fit_done, md.predict_done, md.metrics, md.tuning}
+            assert set(md.path.iterdir()) <= named, (md, set(md.path.iterdir()) - named)
+            assert md.run.path == path and md.read_job().spec and md.read_status().state
+            assert md.read_config() is not None
+            if md.has_metrics():
+                assert md.read_fit_done() is not None and md.read_predict_done().images > 0
 
 
 def test_resolve_a_model_by_label_or_spec(tmp_path):
@@ -152,3 +161,48 @@ def test_a_stale_lock_of_a_dead_pid_on_this_host_is_taken_over(tmp_path):
         os.close(fd2)
     finally:
         os.close(fd)
+
+
+def test_a_corrupt_record_or_a_folder_without_a_run_is_a_data_error_naming_the_file(tmp_path):
+    from bench.data.errors import DataError
+
+    run = RunDir(tmp_path / "run").mkdir()
+    with pytest.raises(DataError, match="not a run folder"):
+        run.read_manifest()
+    md = run.model("fake").mkdir()
+    md.status.write_text("{half a rec")
+    with pytest.raises(DataError, match=f"{md.status}.*not JSON"):
+        md.read_status()
+    md.fit_done.write_text("[1, 2]")
+    with pytest.raises(DataError, match=f"{md.fit_done}.*not a JSON object"):
+        md.read_fit_done()
+    assert md.read_predict_done() is None and md.read_metrics() is None and md.read_tuning() is None
+
+
+def test_update_status_keeps_what_it_does_not_change_and_unknown_keys(tmp_path):
+    md = RunDir(tmp_path).model("m").mkdir()
+    md.update_status(state="running", stage="fit", pid=123)  # pid: not a Status field
+    md.update_status(stage="predict")
+    st = md.read_status()
+    assert (st.state, st.stage, st.extra["pid"]) == ("running", "predict", 123)
+    assert json.loads(md.status.read_text())["pid"] == 123  # written back at the top level
+
+
+def test_jsonl_logs_and_model_listing(tmp_path):
+    run = RunDir(tmp_path)
+    assert run.models() == [] and run.model("b").read_jsonl("train_log") == []
+    for label in ("b", "a"):
+        run.model(label).mkdir()
+    assert run.labels() == ["a", "b"]
+    md = run.model("a")
+    md.train_log.write_text('{"step": 1}\n\n{"step": 2}\n')
+    assert md.read_jsonl("train_log") == [{"step": 1}, {"step": 2}]
+
+
+def test_model_label_is_folder_safe_and_independent_of_option_order():
+    from bench.store import model_label
+
+    assert model_label("cellpose:epochs=3,diam_mean=20") == model_label("cellpose:diam_mean=20,epochs=3")
+    label = model_label("cellpose:weights=/a b/c.pt")
+    assert "/" not in label and " " not in label and label.startswith("cellpose--")
+    assert model_label("watershed") == "watershed"
