@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bench.adapters.base import FitContext
-from bench.adapters.registry import ConfigError, build, make_config, registered
+from bench.adapters.registry import ConfigError, build, get, make_config, registered
 from bench.data.io import read_sartorius
 from bench.metrics import kaggle
 
@@ -24,6 +24,43 @@ def test_registry_lists_all_five_models_without_importing_frameworks():
             "print(sorted(m for m in ('torch', 'mmdet', 'mmcv', 'detectron2', 'cellpose') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"  # framework imports live inside the adapters' methods
+
+
+def test_every_adapters_declarations_hold():
+    """What each adapter declares is checked against something outside it: ``framework`` names the
+    distribution installed here (its version is what the manifest records), the pins its install hint
+    quotes are the ones ``make setup`` installs, and a trainable adapter spells its options in the shared
+    vocabulary (one of iterations/epochs, lr, batch_size) and maps only options it has."""
+    import importlib.metadata
+    import importlib.util
+    import re
+
+    from bench.adapters.trainable import VOCABULARY, TrainableAdapter
+
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    for name, cls in registered().items():
+        if name.startswith("fake"):
+            continue
+        if importlib.util.find_spec(cls.framework_modules[0].split(".")[0]) is not None:
+            assert importlib.metadata.version(cls.framework), name
+        for pin in re.findall(r'"([^"]+[<>=][^"]+)"', cls.install_hint):
+            assert f'"{pin}"' in makefile, (name, pin)
+        if issubclass(cls, TrainableAdapter):
+            fields = set(cls.Config.model_fields)
+            assert len({"iterations", "epochs"} & fields) == 1 and {"lr", "batch_size"} <= fields, name
+            assert {"lr", "batch_size"} | ({"iterations", "epochs"} & fields) <= set(cls.framework_keys), name
+            assert set(cls.framework_keys) == set(VOCABULARY) & fields, name  # every shared knob it has, named
+
+
+def test_every_shipped_preset_validates():
+    """Each preset in configs/*.yaml builds its model's config (a typo fails here, not after a download)."""
+    import yaml
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        doc = yaml.safe_load(path.read_text())
+        assert doc["model"] == path.stem and doc["presets"], path
+        for preset in doc["presets"]:
+            make_config(doc["model"], preset)
 
 
 def test_maskrcnn_tv_trains_predicts_saves_loads(tiny_synth, tmp_path):
@@ -75,8 +112,18 @@ def test_maskrcnn_tv_study_variants_and_validation_curve(tiny_synth, tmp_path, o
     assert runs[1][1][-1]["kaggle_map"] == pytest.approx(kaggle.quick_map([s.instances for s in val], runs[1][0]))
     for p, q in zip(runs[0][0], runs[1][0]):
         np.testing.assert_array_equal(p.scores, q.scores)
-    sizes = type(a)._train_sizes(cfg)
-    assert sizes == ((128,) if cfg.augment == "none" else (90, 106, 112, 122, 128, 138, 154))
+
+
+def test_maskrcnn_tv_training_sizes_follow_the_augmentation():
+    """none: the test size only; default: the asked multi-scale sizes; extra: those plus a wider range
+    around them (torchvision's transform draws one per batch)."""
+    sizes = get("maskrcnn-tv")._train_sizes
+    cfg = lambda aug: make_config("maskrcnn-tv", "smoke", {**TINY_TV, "augment": aug,  # noqa: E731
+                                                           "min_size_train": [112, 128]})
+    assert sizes(cfg("none")) == (128,)
+    assert sizes(cfg("default")) == (112, 128)
+    extra = sizes(cfg("extra"))
+    assert {112, 128} < set(extra) and min(extra) < 112 and max(extra) > 128 and list(extra) == sorted(set(extra))
 
 
 def test_maskrcnn_tv_weights_are_local_only(tiny_synth, tmp_path):
@@ -92,8 +139,6 @@ def test_config_errors_are_named():
         make_config("maskrcnn-tv", "smoke", {"backbone": "vgg"})
     with pytest.raises(ConfigError, match="no preset 'huge'"):
         make_config("maskrcnn-tv", "huge")
-    paper = make_config("maskrcnn-tv", "paper")
-    assert paper.anchor_sizes == [24, 40, 80, 128, 256] and paper.detections_per_image == 700
 
 
 def test_watershed_segments_real_nuclei(shared):
