@@ -331,7 +331,7 @@ def test_coco_equals_stock_pycocotools(real, perturbed, variant):
     assert abs(summary["AP75"] - ap(P[5, :, :, 0, 0])) <= 1e-12
     for name, a in (("APs", 1), ("APm", 2), ("APl", 3)):
         assert abs(summary[name] - ap(P[:, :, :, a, 0])) <= 1e-12, name
-    assert 0.05 < summary["AP"] < 0.9 and summary["APs"] == summary["APs"]  # non-trivial, defined
+    assert 0.05 < summary["AP"] < 0.9 and np.isfinite(summary["APs"])  # non-trivial; APs defined (not NaN)
     if variant != "random_scores":
         return
     # duplicates compete for the same gt (the evaluator's greedy matching takes its slow path)
@@ -581,7 +581,7 @@ def test_cli_eval_json_and_broken_rle(real, metric_csv, kaggle_result, tmp_path)
     lo, hi = res["kaggle_map_ci95"]
     assert lo <= res["kaggle_map"] <= hi
     assert set(res["per_image"]) == set(ids)
-    assert list(res["per_threshold"]) == [f"{t:.2f}" for t in THRESHOLDS] and "0.50" in res["per_threshold"]
+    assert list(res["per_threshold"]) == [f"{t:.2f}" for t in THRESHOLDS]
     assert set(res["per_class"]) == {"cort", "astro", "shsy5y"}
     coco = res["coco"]
     for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
