@@ -92,6 +92,24 @@ def test_lr_schedule_is_train_segs():
     assert len(s) == 500 and s[9] == s[399] == 0.2 and s[400] == 0.1 and s[-1] == 0.2 / 2 ** 10
 
 
+
+def test_lr_schedule_equals_the_one_in_train_segs_source():
+    """The independent reference: the schedule block of the installed ``train_seg``, run as written."""
+    import inspect
+    import textwrap
+
+    train = pytest.importorskip("cellpose.train")
+    from bench.adapters.cellpose import _lr_schedule
+
+    src = inspect.getsource(train.train_seg)
+    start = src.index("LR = np.linspace")
+    block = textwrap.dedent(src[src.rindex("\n", 0, start) + 1:src.index("\n\n", start)])
+    for lr, n in ((0.2, 500), (0.05, 150), (0.1, 40), (0.09, 12)):
+        env = {"np": np, "learning_rate": lr, "n_epochs": n}
+        exec(block, env)
+        np.testing.assert_array_equal(_lr_schedule(lr, n), env["LR"][:n])
+
+
 # ---- the real framework -----------------------------------------------------------
 def test_cellpose_never_downloads(tmp_path, monkeypatch):
     models = pytest.importorskip("cellpose.models")
