@@ -317,9 +317,14 @@ def test_submit_is_valid_and_scored_by_eval(run_copy, synth, tmp_path):
     assert rows[0] == ["id", "predicted"]
     ids = [x[0] for x in rows[1:]]
     assert ids == sorted(ids) and set(ids) == {p.stem for p in (synth / "train").glob("*.png")}
-    for _, runs in rows[1:]:
+    masks = 0
+    for _, runs in (r for r in rows[1:] if r[1]):  # Kaggle RLE: 1-based (start, length) pairs, in order, inside
         v = np.array(runs.split(), dtype=np.int64)
-        assert v.size % 2 == 0 and (v[0::2] >= 1).all() if v.size else True  # 1-based starts
+        starts, lengths = v[0::2], v[1::2]
+        assert v.size % 2 == 0 and starts.min() >= 1 and (lengths > 0).all()
+        assert (starts[1:] >= starts[:-1] + lengths[:-1]).all() and starts[-1] + lengths[-1] - 1 <= 128 * 128
+        masks += 1
+    assert masks > 0
 
     res_json = tmp_path / "eval.json"
     r = runner.invoke(app, ["eval", "--gt", str(synth / "train.csv"), "--pred", str(sub), "--json", str(res_json)])
