@@ -194,6 +194,8 @@ def test_save_load_round_trip_restores_config_classes_policy_and_extras(tmp_path
     fresh.load(tmp_path / "ckpt")
     assert fresh.cfg == toy.cfg and fresh.classes == ["a", "b"] and fresh.policy == InputPolicy("fixed")
     np.testing.assert_array_equal(fresh.weights, toy.weights)
+    img = np.array([[0, 51], [102, 255]], np.uint8)
+    np.testing.assert_array_equal(fresh.model_input(img), normalize(img, InputPolicy("fixed")))  # the loaded policy
     assert fresh.scale == pytest.approx(float(toy.weights.sum()))
     # a config this version does not accept: a CheckpointError naming the folder, not a pydantic trace
     meta["config"]["no_such_option"] = 1
@@ -274,3 +276,26 @@ def test_percentile_policy_clips_hot_pixels_that_minmax_lets_dominate():
     p = InputPolicy("percentile", (2.0, 98.0))
     d = p.as_dict()
     assert InputPolicy(d["norm"], tuple(d["percentiles"])) == p and json.loads(json.dumps(d)) == d
+
+
+def test_policy_values_are_checked_and_every_dtype_has_its_fixed_range():
+    with pytest.raises(ValueError, match="input_norm"):
+        InputPolicy("zscore")
+    with pytest.raises(ValueError, match="input_percentiles"):
+        InputPolicy("percentile", (99.0, 1.0))
+    fixed = InputPolicy("fixed")
+    f = np.array([[0.0, 0.25], [0.5, 1.0]], np.float32)
+    np.testing.assert_array_equal(fixed(f), f)  # floats already in [0, 1] pass unchanged
+    i32 = np.array([[0, np.iinfo(np.int32).max]], np.int32)
+    np.testing.assert_allclose(fixed(i32), [[0.0, 1.0]])
+    assert normalize(np.zeros((3, 4, 1), np.uint8)).shape == (3, 4)  # a single channel axis is squeezed
+
+
+def test_weights_files_are_local_or_a_clear_error(tmp_path):
+    from bench.adapters.base import check_weights_file
+
+    assert check_weights_file(None) is None
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'w.pt'} does not exist.*never downloads"):
+        check_weights_file(str(tmp_path / "w.pt"))
+    (tmp_path / "w.pt").write_bytes(b"x")
+    assert check_weights_file(str(tmp_path / "w.pt")) == tmp_path / "w.pt"
