@@ -18,6 +18,7 @@ from bench.adapters.base import FitContext
 from bench.metrics import kaggle
 from bench.adapters.registry import ConfigError, build, make_config
 from bench.adapters.trainable import CheckpointError
+from bench.data.normalize import InputPolicy
 from bench.data.sample import Instances, Sample
 
 DSB = Path("/work/shared/data/stardist_dsb2018")
@@ -179,7 +180,7 @@ def test_train_predict_save_load_roundtrip(synth, tmp_path):
     meta = json.loads((tmp_path / "saved" / "meta.json").read_text())
     assert meta["adapter"] == "cellpose" and meta["config"]["epochs"] == 4
     assert meta["extra"]["diam_mean"] > 0 and meta["extra"]["diam_labels"] > 0
-    assert meta["input_policy"] == {"norm": "percentile", "percentiles": [1.0, 99.8]}
+    assert meta["input_policy"] == m.policy.as_dict() == InputPolicy().as_dict()  # the default, as every model's
 
     fresh = build("cellpose", synth.classes, preset="smoke")
     fresh.load(tmp_path / "saved")
