@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bench.adapters.base import FitContext, log_record
+from bench.adapters.base import AdapterConfig, Capabilities, FitContext, log_record
 from bench.adapters.registry import ConfigError, make_config
-from bench.adapters.trainable import CHECKPOINT_SCHEMA, CheckpointError, read_meta
+from bench.adapters.trainable import (CHECKPOINT_SCHEMA, CheckpointError, TrainableAdapter, amp_enabled,
+                                      configure_torch, read_meta, seed_everything)
 from bench.data import rle
 from bench.data.masks import instances_from_masks, strip_counts
 from bench.data.normalize import InputPolicy, normalize, to_gray, to_rgb, to_uint8
@@ -128,11 +130,6 @@ def test_checkpoint_meta_is_checked(tmp_path):
 
 
 # ---- the template (fit / save / load) with a framework-free adapter ------------------------------
-
-from pathlib import Path  # noqa: E402
-
-from bench.adapters.base import AdapterConfig, Capabilities  # noqa: E402
-from bench.adapters.trainable import TrainableAdapter, amp_enabled, configure_torch, seed_everything  # noqa: E402
 
 
 class _ToyConfig(AdapterConfig):
