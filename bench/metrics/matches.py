@@ -426,8 +426,8 @@ def images_for_predictions(gt: dict[str, tuple[Instances, str]], preds: dict[str
     return out
 
 
-def build_for_model(run_dir: Path, label: str, gt=None, classes=None) -> MatchTable:
-    """Compute one model's table from its stored predictions (no inference) and save it."""
+def build_for_model(run_dir: Path, label: str, gt=None, classes=None, save: bool = True) -> MatchTable:
+    """Compute one model's table from its stored predictions (no inference); save it unless not."""
     from bench.data.predictions import read_predictions
     from bench.store import RunDir
     from bench.tune import validation_ground_truth
@@ -444,21 +444,23 @@ def build_for_model(run_dir: Path, label: str, gt=None, classes=None) -> MatchTa
     if md.job.is_file():
         resolve = bool(md.read_job().resolve_overlaps)
     table = MatchTable.from_images(md.label, images_for_predictions(gt, preds, resolve), classes)
-    table.write(md.matches, md.match_pairs)
+    if save:
+        table.write(md.matches, md.match_pairs)
     return table
 
 
-def load_matches(run_dir: Path, label: str) -> MatchTable:
-    """A model's match table: read from its folder, else computed from its predictions and saved."""
+def load_matches(run_dir: Path, label: str, save: bool = True) -> MatchTable:
+    """A model's match table: read from its folder, else computed from its stored predictions (a
+    run of an older cellbench) and saved there (unless ``save=False``)."""
     from bench.store import RunDir
 
     md = RunDir(run_dir).resolve(label)
     if md.matches.is_file() and md.match_pairs.is_file():
         return MatchTable.read(md.matches, md.match_pairs)
-    return build_for_model(run_dir, md.label)
+    return build_for_model(run_dir, md.label, save=save)
 
 
-def load_run_matches(run_dir: Path, labels: Sequence[str] | None = None) -> MatchTable:
+def load_run_matches(run_dir: Path, labels: Sequence[str] | None = None, save: bool = True) -> MatchTable:
     """Every model of a run with predictions (or ``labels``), concatenated; the ground truth is
     read once for the models whose table must be computed."""
     from bench.store import RunDir
@@ -477,5 +479,5 @@ def load_run_matches(run_dir: Path, labels: Sequence[str] | None = None) -> Matc
             continue
         if gt is None:
             gt, classes = validation_ground_truth(run.path, run.read_manifest())
-        tables.append(build_for_model(run.path, md.label, gt, classes))
+        tables.append(build_for_model(run.path, md.label, gt, classes, save=save))
     return MatchTable.concat(tables)

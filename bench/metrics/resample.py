@@ -71,6 +71,16 @@ def groups_from_meta(samples, attr: str) -> dict[str, str]:
     return out
 
 
+def cluster_option(samples, cluster: str) -> tuple[dict[str, str] | None, str | None]:
+    """``--cluster``: "auto" (sample/well groups, used when some group has several images),
+    "none" (images), or an attribute every image must have."""
+    if cluster == "none":
+        return None, None
+    if cluster == "auto":
+        return {s.image_id: s.group for s in samples}, "sample_id/well"
+    return groups_from_meta(samples, cluster), cluster
+
+
 def quantile_ci(vals: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     v = np.asarray(vals, float)
     v = v[np.isfinite(v)]
