@@ -159,7 +159,7 @@ def _running(a: np.ndarray, op) -> np.ndarray:
     return a
 
 
-def weighted_ap_many(mt, W: np.ndarray, max_cells: int = 4_000_000) -> np.ndarray:
+def weighted_ap_many(mt, W: np.ndarray, max_cells: int = 1_000_000) -> np.ndarray:
     """(B x T) per-threshold COCO AP for every row of image weights W (B x n_images).
 
     Equal to :func:`bench.metrics.coco.weighted_ap` row by row (pycocotools' accumulate; the
