@@ -132,7 +132,7 @@ def one_to_one(gi: np.ndarray, pj: np.ndarray, iou: np.ndarray, keep: np.ndarray
     With non-overlapping predictions and IoU > 0.5 every gt and prediction has at most one
     candidate and all are taken; otherwise (overlapping masks) the highest IoU goes first."""
     cand = np.flatnonzero(keep)
-    if len(np.unique(gi[cand])) == len(cand) and len(np.unique(pj[cand])) == len(cand):
+    if not len(cand) or (np.bincount(gi[cand]).max() <= 1 and np.bincount(pj[cand]).max() <= 1):
         return cand
     cand = cand[np.argsort(-iou[cand], kind="stable")]
     used_g, used_p, out = set(), set(), []
