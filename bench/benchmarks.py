@@ -229,7 +229,7 @@ def section_b(csv_path: Path, rows: list, workdir: Path) -> tuple[Path, object]:
         g = read_sartorius(csv_path, require_images=False)
         p = read_submission(sub, {s.image_id: (s.height, s.width) for s in g}, g.classes)
         gtd = {s.image_id: (s.instances, s.cell_type(g.classes)) for s in g}
-        return evaluate_predictions(gtd, p, g.classes, with_coco=False)
+        return evaluate_predictions(gtd, p, g.classes, with_coco=False, with_cell=False)  # Kaggle only, as the peers
 
     best, res = best_of(2, ours)
     print(f"cellbench (read gt + read submission + Kaggle mAP)  {best:7.2f} s   mAP {res['kaggle_map']:.6f}")

@@ -432,3 +432,20 @@ def test_report_shows_cell_metrics_and_taxonomy(run, tmp_path):
     csv_head = (tmp_path / "rep" / "leaderboard.csv").read_text().splitlines()[0]
     assert "f1_50" in csv_head and "aji_lo" in csv_head and "bootstrap_unit" in csv_head
     assert (tmp_path / "rep" / "taxonomy.csv").read_text().startswith("model,error,gt_cells")
+
+
+def test_pair_of_models_on_different_splits_is_refused(run, tmp_path):
+    import json
+
+    from bench.metrics.matches import paired_tables
+
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    a, b = paired_tables(run, "watershed", other, "watershed")
+    assert len(a) == len(b) > 0
+    man = json.loads((other / "manifest.json").read_text())
+    real = man["split_hash"]
+    man["split_hash"] = "0123456789abcdef"
+    (other / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(DataError, match=f"different splits.*split {real}.*split 0123456789abcdef"):
+        paired_tables(run, "watershed", other, "watershed")

@@ -13,6 +13,8 @@ Stable API (the HTML report and ``bench matches`` use only this)::
     t.pairs["iou"]                           # every overlapping gt/pred pair (for the taxonomy's fixes)
     t.image_ids(); t.for_image("abc"); t.rows("gt")   # a list of dicts per row
     MatchTable.concat([t1, t2])              # several models in one table (the ``model`` column)
+    a, b = paired_tables(run_a, "cellpose", run_b, "maskrcnn")   # DataError naming both split hashes
+                                             # when the two were scored on different splits
 
 Instance table (``matches.csv.gz``), one row per instance:
 
@@ -42,7 +44,8 @@ threshold     float  the IoU threshold ``match`` and ``outcome`` were computed a
 Pair table (``match_pairs.csv.gz``): ``model, image_id, gt, pred, inter, iou``, one row per
 gt/pred pair sharing at least one pixel (``gt``/``pred`` as ``idx`` above).
 
-Predictions are taken as the metrics score them: overlaps resolved by score when the run
+An image with neither ground truth nor predictions has no rows (the Kaggle metric scores it 0;
+a taxonomy computed from the table leaves it out). Predictions are taken as the metrics score them: overlaps resolved by score when the run
 resolved them (``job.json``); a predicted mask that lost all its pixels to higher-scoring ones
 is not in the table. Outcomes (each instance exactly one, first that applies; t = threshold,
 tb = :data:`BACKGROUND_IOU`; "p lies in g" means more than half of p's pixels are in g):
@@ -481,3 +484,17 @@ def load_run_matches(run_dir: Path, labels: Sequence[str] | None = None, save: b
             gt, classes = validation_ground_truth(run.path, run.read_manifest())
         tables.append(build_for_model(run.path, md.label, gt, classes, save=save))
     return MatchTable.concat(tables)
+
+
+def paired_tables(run_a: Path, model_a: str, run_b: Path, model_b: str) -> tuple[MatchTable, MatchTable]:
+    """Two models' tables for a side-by-side comparison (the report's pair view): only models
+    scored on the same validation split are comparable; otherwise an error naming both split hashes."""
+    from bench.store import RunDir
+
+    ha, hb = RunDir(run_a).read_manifest().split_hash, RunDir(run_b).read_manifest().split_hash
+    if ha != hb:
+        raise DataError(f"{model_a} vs {model_b}", f"trained and scored on different splits ({model_a}: split "
+                                                   f"{ha or 'unknown'} in {run_a}; {model_b}: split "
+                                                   f"{hb or 'unknown'} in {run_b}); a pair view needs the same "
+                                                   "validation images")
+    return load_matches(run_a, model_a), load_matches(run_b, model_b)

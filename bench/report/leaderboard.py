@@ -205,7 +205,7 @@ def write_report(run_dirs: list[Path], out: Path) -> list[Path]:
     written.append(out / "leaderboard.md")
 
     buf = io.StringIO()
-    cols = COLUMNS[:10] + [f"map_{c}" for c in classes] + COLUMNS[10:] + cellreport.CSV_COLUMNS
+    cols = COLUMNS[:10] + [f"map_{c}" for c in classes] + cellreport.CSV_COLUMNS + COLUMNS[10:]
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     w.writeheader()
     for r in rows:
