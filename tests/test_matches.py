@@ -449,3 +449,21 @@ def test_pair_of_models_on_different_splits_is_refused(run, tmp_path):
     (other / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(DataError, match=f"different splits.*split {real}.*split 0123456789abcdef"):
         paired_tables(run, "watershed", other, "watershed")
+
+
+def test_paired_clustered_resamples_whole_groups():
+    from bench.metrics.bootstrap import paired_bootstrap
+    from bench.metrics.resample import paired_clustered
+
+    rng = np.random.default_rng(2)
+    a, b = rng.random(9), rng.random(9)
+    plain = paired_bootstrap({f"i{k}": v for k, v in enumerate(a)}, {f"i{k}": v for k, v in enumerate(b)}, 400, 3)
+    # every image twice in one group: drawing the 9 groups is drawing the 9 images
+    ids = [f"i{k}c{c}" for k in range(9) for c in (0, 1)]
+    aa = {i: a[int(i[1:].split("c")[0])] for i in ids}
+    bb = {i: b[int(i[1:].split("c")[0])] for i in ids}
+    groups = {i: i.split("c")[0] for i in ids}
+    clustered = paired_clustered(aa, bb, groups, 400, 3)
+    assert clustered.diff == pytest.approx(plain.diff)
+    assert clustered.diff_ci95 == pytest.approx(plain.diff_ci95, abs=1e-12)
+    assert clustered.p_a_better == pytest.approx(plain.p_a_better)

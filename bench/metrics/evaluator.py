@@ -118,6 +118,8 @@ class InstanceSegEvaluator:
             "kaggle_map_ci95": list(mean_ci(vals, W)),
             "bootstrap": {"unit": rs.unit, "n_resamples": len(W), "n_groups": rs.n_groups, "level": 0.95,
                           "seed": self.seed},
+            # image -> group when groups were resampled (the report's paired tests resample them too)
+            "image_group": {i: self.groups[i] for i in ids} if rs.unit != "images" else {},
             "per_threshold": {f"{t:.2f}": float(prec[:, k].mean()) for k, t in enumerate(kaggle.THRESHOLDS)},
             "counts_per_threshold": {f"{t:.2f}": {"tp": int(tp[k]), "fp": int(fp[k]), "fn": int(fn[k])}
                                      for k, t in enumerate(kaggle.THRESHOLDS)},

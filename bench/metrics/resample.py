@@ -81,6 +81,22 @@ def cluster_option(samples, cluster: str) -> tuple[dict[str, str] | None, str | 
     return groups_from_meta(samples, cluster), cluster
 
 
+def paired_clustered(a: dict[str, float], b: dict[str, float], groups: dict[str, str],
+                     n_resamples: int = N_RESAMPLES, seed: int = 0):
+    """:func:`bench.metrics.bootstrap.paired_bootstrap` with whole groups of images resampled
+    (the images both models were scored on; an image without a group is its own group)."""
+    from bench.metrics.bootstrap import PairedTest, _p_greater
+
+    ids = sorted(set(a) & set(b))
+    if not ids:
+        raise ValueError("no images in common between the two prediction sets")
+    d = np.array([a[i] - b[i] for i in ids])
+    W = cluster_weights([groups.get(i, f"image:{i}") for i in ids], n_resamples, seed)
+    means = (W @ d) / W.sum(1)
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    return PairedTest(float(d.mean()), (float(lo), float(hi)), _p_greater(means), len(ids))
+
+
 def quantile_ci(vals: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     v = np.asarray(vals, float)
     v = v[np.isfinite(v)]

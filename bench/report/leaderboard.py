@@ -106,8 +106,15 @@ def _paired_vs_best(rows: list[dict]) -> None:
         if pair is None:
             r["vs_best"] = "n/a (no common run)"
             continue
-        test = paired_bootstrap(pair[0]["metrics"]["per_image"], pair[1]["metrics"]["per_image"],
-                                seed=pair[0]["metrics"].get("seed", 0))
+        groups = pair[0]["metrics"].get("image_group")
+        if groups:  # images of one sample/well resampled together, as for the CIs
+            from bench.metrics.resample import paired_clustered
+
+            test = paired_clustered(pair[0]["metrics"]["per_image"], pair[1]["metrics"]["per_image"], groups,
+                                    seed=pair[0]["metrics"].get("seed", 0))
+        else:
+            test = paired_bootstrap(pair[0]["metrics"]["per_image"], pair[1]["metrics"]["per_image"],
+                                    seed=pair[0]["metrics"].get("seed", 0))
         r["paired"] = test.as_dict()
         r["vs_best"] = "worse" if test.verdict == "worse" else "not distinguishable" if test.verdict != "better" else "better"
 
@@ -194,8 +201,8 @@ def write_report(run_dirs: list[Path], out: Path) -> list[Path]:
               + (f"Ran on another device than the run's (as their adapters declare): {', '.join(elsewhere)}.\n\n"
                  if elsewhere else "") +
               "Kaggle mAP: the competition metric (IoU > t, t = 0.50..0.95, mean over images), 95% bootstrap CI "
-              f"over {_units(rows)}. 'vs best': paired bootstrap on the same images (worse = the difference's 95% CI "
-              "excludes 0).\n\n")
+              f"over {_units(rows)}. 'vs best': paired bootstrap on the same images, resampled the same way "
+              "(worse = the difference's 95% CI excludes 0).\n\n")
     from bench.report import cellreport
 
     extra_md = cellreport.cell_markdown(rows) + "\n" + cellreport.taxonomy_markdown(rows)
