@@ -132,7 +132,6 @@ def _runs(tp: np.ndarray, counted: np.ndarray, det_image: np.ndarray, n_images: 
     matrices: TPs in each run, and detections counted (TP or FP) since the previous run's end."""
     import scipy.sparse as sp
 
-    D = len(tp)
     nxt = np.r_[tp[1:], False]
     ends = np.flatnonzero(tp & ~nxt)
     E = len(ends)
@@ -144,7 +143,6 @@ def _runs(tp: np.ndarray, counted: np.ndarray, det_image: np.ndarray, n_images: 
     seg = np.searchsorted(ends, c, side="left")        # the run end each counted detection precedes
     ok = seg < E
     G = sp.csr_matrix((np.ones(int(ok.sum())), (seg[ok], det_image[c[ok]])), shape=(E, n_images))
-    del D
     return S, G
 
 
