@@ -207,8 +207,12 @@ def main(model_dir: Path) -> int:
         gt = {s.image_id: (s.instances, s.cell_type(dataset.classes)) for s in val}
         # a model that declares overlapping masks has them resolved by score; one that declares
         # none is held to it (an overlap is an error)
-        res = evaluate_predictions(gt, preds, dataset.classes, resolve_overlaps=job.resolve_overlaps,
-                                   max_dets=job.max_dets, seed=job.seed)
+        # images of one sample/well are resampled together (the clustered bootstrap); the match
+        # table is written before metrics.json, which marks the model finished
+        res, table = evaluate_predictions(gt, preds, dataset.classes, resolve_overlaps=job.resolve_overlaps,
+                                          max_dets=job.max_dets, seed=job.seed, return_matches=job.label,
+                                          groups={s.image_id: s.group for s in val}, cluster="sample_id/well")
+        table.write(md.matches, md.match_pairs)
         fit_t = md.read_fit_done().to_dict()
         pred_t = md.read_predict_done().to_dict()
         fit_t.pop("device", None)
