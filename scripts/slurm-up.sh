@@ -17,7 +17,7 @@ MARK="# written by cellbench scripts/slurm-up.sh"
 
 say() { echo "slurm-up: $*" >&2; }
 
-if sinfo -h -o %T 2>/dev/null | grep -q idle; then
+if sinfo -h -o %T 2>/dev/null | grep -qE "idle|mix|alloc"; then
     say "a cluster answers already (sinfo: $(sinfo -h -o '%P %T %D' | tr '\n' ' '))"
     exit 0
 fi
@@ -99,7 +99,7 @@ munge -n | unmunge >/dev/null || { say "munged does not answer"; exit 1; }
 slurmctld -i       # -i: ignore state saved by an earlier run of this script
 slurmd
 for i in $(seq 60); do
-    if sinfo -h -o %T 2>/dev/null | grep -q idle; then
+    if sinfo -h -o %T 2>/dev/null | grep -qE "idle|mix|alloc"; then
         say "up: $(sinfo -h -o 'partition %P, %D node(s) %T, %c CPUs')"
         exit 0
     fi

@@ -192,10 +192,13 @@ class SlurmExecutor:
                     state = q[jid][0].lower()
                     state = "running" if state in ("running", "completing") else "pending"
                     if seen.get(key) != state:
-                        seen[key] = state
-                        on_state(*key, {"state": state, "executor": info})
                         if state == "running":
                             self.echo(f"[{key[0]} seed {key[1]}] running as SLURM job {jid}")
+                        elif seen.get(key) == "running":  # back in the queue: submitit requeued it
+                            self.echo(f"[{key[0]} seed {key[1]}] requeued as SLURM job {jid} ({q[jid][1]}): "
+                                      "it continues its unfinished stages when it runs again")
+                        seen[key] = state
+                        on_state(*key, {"state": state, "executor": info})
                     continue
                 gone[key] = gone.get(key, 0) + 1
                 if gone[key] < GONE_POLLS:
@@ -214,11 +217,11 @@ class SlurmExecutor:
         if state is None:
             slurm_state = end.get("JobState", "UNKNOWN")
             why = WHY.get(slurm_state, f"ended {slurm_state}")
-            log = "\n".join(t for t in (tail(Path(info.get("stderr", ""))), tail(Path(info.get("stdout", "")))) if t)
+            log = tail(Path(info.get("stdout", "")), 4) + "\n" + tail(Path(info.get("stderr", "")), 4)
             state = {"variant": v, "seed": s, "state": "failed",
                      "detail": f"SLURM job {jid} {why} before it recorded a state"
                                + (f" (reason {end['Reason']})" if end.get("Reason", "None") != "None" else "")
-                               + (f"; log:\n{log}" if log else "")}
+                               + (f"; log:\n{log.strip()}" if log.strip() else "")}
         state["executor"] = {**info, **state.get("executor", {}), "slurm_state": end.get("JobState")}
         self.echo(f"[{v} seed {s}] {state['state']} (SLURM job {jid}, {end.get('JobState', '?')})"
                   + (f": {str(state.get('detail', ''))[:200]}" if state["state"] != "done" else ""))

@@ -128,9 +128,9 @@ def _sweep_row(sweep: SweepDir, v: str, s: int, info: dict, q: dict | None, n_st
                 detail = detail or f"{bad[0].key}: {bad[0].state}, {bad[0].detail}"
                 log = bad[0].log
                 break
-    if not log:
-        job_log = Path(ex["stderr"]) if ex.get("stderr") else sweep.job(v, s).log
-        log = tail(job_log)
+    if len(log.splitlines()) < 2:  # the model's log says nothing (killed early): the job's own log
+        log = "\n".join(t for t in (tail(Path(ex["stdout"]), 4), tail(Path(ex["stderr"]), 4)) if t) \
+            if ex.get("stdout") else tail(sweep.job(v, s).log)
     if state in (None, "pending", "running"):
         state = "stopped"
     if ex.get("slurm_state") and ex["slurm_state"] not in ("COMPLETED", "None"):
