@@ -16,6 +16,7 @@ the requeued job continues its run folders (finished stages kept).
 from __future__ import annotations
 
 import getpass
+import re
 import shutil
 import subprocess
 import time
@@ -218,6 +219,9 @@ class SlurmExecutor:
             slurm_state = end.get("JobState", "UNKNOWN")
             why = WHY.get(slurm_state, f"ended {slurm_state}")
             log = tail(Path(info.get("stdout", "")), 4) + "\n" + tail(Path(info.get("stderr", "")), 4)
+            said = re.search(r"Job not requeued because: (.*)", tail(Path(info.get("stdout", "")), 50))
+            if said:  # submitit's signal handler gave up: the time limit, not a crash
+                why = f"reached its time limit and was not requeued ({said.group(1).strip().rstrip('.')})"
             state = {"variant": v, "seed": s, "state": "failed",
                      "detail": f"SLURM job {jid} {why} before it recorded a state"
                                + (f" (reason {end['Reason']})" if end.get("Reason", "None") != "None" else "")

@@ -37,6 +37,10 @@ def tail(path: Path, n: int = TAIL_LINES) -> str:
     return "\n".join(lines[-n:])
 
 
+def tail_of(text: str, n: int) -> str:
+    return "\n".join(text.splitlines()[-n:])
+
+
 def lock_live(lock: RunLock) -> bool:
     """Whether some process holds the lock now (its holder is written in the file while held)."""
     h = lock.holder()
@@ -128,9 +132,10 @@ def _sweep_row(sweep: SweepDir, v: str, s: int, info: dict, q: dict | None, n_st
                 detail = detail or f"{bad[0].key}: {bad[0].state}, {bad[0].detail}"
                 log = bad[0].log
                 break
-    if len(log.splitlines()) < 2:  # the model's log says nothing (killed early): the job's own log
-        log = "\n".join(t for t in (tail(Path(ex["stdout"]), 4), tail(Path(ex["stderr"]), 4)) if t) \
-            if ex.get("stdout") else tail(sweep.job(v, s).log)
+    if ex.get("stdout"):  # SLURM: what the job itself said comes after the model's log
+        log = "\n".join(t for t in (tail_of(log, 4), tail(Path(ex["stdout"]), 4), tail(Path(ex["stderr"]), 3)) if t)
+    elif len(log.splitlines()) < 3:  # the model's log says little (killed early): the job's own log
+        log = tail(sweep.job(v, s).log)
     if state in (None, "pending", "running"):
         state = "stopped"
     if ex.get("slurm_state") and ex["slurm_state"] not in ("COMPLETED", "None"):
