@@ -19,6 +19,7 @@ error (start a new sweep) except for added seeds.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -336,12 +337,13 @@ def run_sweep(config_path: str | Path, seeds: list[int] | None = None, preset: s
             data=data_path, base_preset=base_preset, preset=preset, device="cuda" if executor.gpus else device,
             sets=sets, opts=opts, timeout_s=timeout_s, cache=str((results / "cache").resolve())))
         keys = []
-    for v, seed in keys:  # --jobs 1: one after the other in this process
-        key = f"{v}/seed{seed}"
-        state = _run_one(cfg, v, seed, out, data_path, base_preset, preset, device, sets, opts, echo,
-                         timeout_s, results / "cache")
-        manifest["runs"][key] = state
-        atomic_write_json(manifest_path, manifest)
+    with SweepDir(out).lock() if keys else contextlib.nullcontext():  # one sweep process per folder
+        for v, seed in keys:  # --jobs 1: one after the other in this process
+            key = f"{v}/seed{seed}"
+            state = _run_one(cfg, v, seed, out, data_path, base_preset, preset, device, sets, opts, echo,
+                             timeout_s, results / "cache")
+            manifest["runs"][key] = state
+            atomic_write_json(manifest_path, manifest)
     manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     atomic_write_json(manifest_path, manifest)
     return out, {k: manifest["runs"][k] for k in (f"{v}/seed{s}" for v in chosen for s in seeds)}

@@ -91,6 +91,8 @@ def test_local_parallel_runs_what_serial_runs(tmp_path, tiny_synth):
     assert int((counter / "fit.count").read_text()) == fits
     text = status_text(par)
     assert text.count(" done ") == 2 and "2 done" in text
+    run_text = status_text(par / "runs/half/seed0")  # a run folder: one row per model
+    assert "fake" in run_text and "Kaggle mAP 0.6667" in run_text and "1 done" in run_text
 
 
 def test_a_killed_job_is_failed_with_its_log_and_resume_redoes_only_it(tmp_path, tiny_synth):
@@ -148,3 +150,5 @@ def test_two_sweeps_on_one_folder_are_refused(tmp_path, tiny_synth):
         with pytest.raises(RunLocked, match="another bench sweep"):
             run_sweep(cfg, out=out, resume=True, results=tmp_path / "r", echo=lambda *_: None,
                       executor=ExecutorSpec(jobs=2))
+        with pytest.raises(RunLocked, match="another bench sweep"):  # --jobs 1 too
+            run_sweep(cfg, out=out, resume=True, results=tmp_path / "r", echo=lambda *_: None)
