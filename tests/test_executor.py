@@ -82,7 +82,7 @@ def test_local_parallel_runs_what_serial_runs(tmp_path, tiny_synth):
     assert len(cores) == min(2, os.cpu_count())
     stage = json.loads((par / "runs/retrain/seed0-pretrain0/executor.json").read_text())
     assert stage["pid"] == json.loads((par / "runs/retrain/seed0/executor.json").read_text())["pid"]  # one job
-    assert (par / "jobs/base/seed0/log.txt").read_text().count("job base/seed0") == 1
+    assert (par / "jobs/half/seed0/log.txt").read_text().count("job half/seed0") == 1
     fits = int((counter / "fit.count").read_text())
     assert fits == 3
     # --resume: nothing left to do, nothing run again
