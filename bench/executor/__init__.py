@@ -80,7 +80,10 @@ def _queued(manifest: dict, keys: list[tuple[str, int]]) -> dict[tuple[str, int]
     from bench.executor.slurm import queue, require_sbatch
 
     require_sbatch()
-    q = queue() or {}
+    q = queue()
+    if q is None:  # submitting again what may still run would run it twice
+        raise ExecutorError("squeue does not answer: cannot tell which jobs of the sweep are still queued, so "
+                            "nothing was submitted; try again when the controller answers")
     out = {}
     for v, s in keys:
         ex = manifest["runs"].get(f"{v}/seed{s}", {}).get("executor", {})

@@ -18,6 +18,7 @@ from __future__ import annotations
 import getpass
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -171,7 +172,14 @@ class SlurmExecutor:
             watch.update(submitted)
         for (v, s), info in (attach or {}).items():
             self.echo(f"[{v} seed {s}] still queued as SLURM job {info['slurm_job_id']}: watching it")
-        self._watch(sweep, watch, on_state)
+        try:
+            self._watch(sweep, watch, on_state)
+        except KeyboardInterrupt:
+            from bench.runner.run import RunInterrupted
+
+            self.echo(f"stopped watching; the jobs keep running on the cluster: `bench status {sweep.path}` "
+                      "shows them, `bench sweep ... --resume` watches them again (scancel stops them)")
+            raise RunInterrupted(signal.SIGINT, "the watch of the SLURM jobs") from None
 
     def _watch(self, sweep: SweepDir, watch: dict[tuple[str, int], dict],
                on_state: Callable[[str, int, dict], None]) -> None:

@@ -120,7 +120,8 @@ def _sweep_row(sweep: SweepDir, v: str, s: int, info: dict, q: dict | None, n_st
             stage = next((r.detail for r in run_rows(run) if r.state == "running"), "")
             return Row(key, "running", jid, f"{where}, {stage}".rstrip(", "))
     state = info.get("state")
-    if state in (None, "pending", "running") and not any(r.exists() for r in folders):
+    gone = bool(jid) and q is not None  # its SLURM job has left the queue (checked above)
+    if state in (None, "pending", "running") and not gone and not any(r.exists() for r in folders):
         return Row(key, "pending", jid, "not started" if state is None else f"{state} when last seen")
     # unfinished and nobody runs it: why, from the sweep's state, else from its runs
     detail = str(info.get("detail", "") or "")
