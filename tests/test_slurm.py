@@ -164,3 +164,31 @@ def test_an_option_the_cluster_rejects_shows_sbatchs_error(tmp_path, tiny_synth)
     assert spec.slurm.partition == "no-such-partition"
     with pytest.raises(ExecutorError, match="sbatch refused .*(?i:invalid partition)"):
         run_sweep(cfg, data=str(tiny_synth), out=tmp_path / "sw", echo=lambda *_: None, executor=spec)
+
+
+def test_resume_watches_a_job_still_queued_instead_of_submitting_it_again(tmp_path, tiny_synth):
+    """The login-node process dies after submitting; --resume finds the job still in the queue and
+    waits for it: one SLURM job, one fit."""
+    import os
+    import signal
+    import sys
+
+    counter = tmp_path / "count"
+    counter.mkdir()
+    cfg = sweep_file(tmp_path, {"base": {"options": {"counter_dir": str(counter), "fit_sleep": 8}}}, seeds=[0],
+                     slurm={"probe": False})
+    out = tmp_path / "sw"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "sweep", str(cfg), "--data", str(tiny_synth), "--out",
+                             str(out), "--executor", "slurm", "--no-report"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job = _wait(lambda: _job_id(out, "base/seed0"), 120, "the sweep to submit its job")
+    proc.send_signal(signal.SIGKILL)  # the login session is gone; the job is not
+    proc.wait()
+    assert _queue_state(job) in ("PENDING", "RUNNING")
+    _, states = run_sweep(cfg, out=out, resume=True, results=tmp_path / "r", echo=lambda *_: None,
+                          executor=ExecutorSpec(name="slurm"))
+    assert states["base/seed0"]["state"] == "done" and _job_id(out, "base/seed0") == job
+    attempts = json.loads((out / "runs/base/seed0/executor.json").read_text())["attempts"]
+    assert [a["slurm_job_id"] for a in attempts] == [job]
+    assert int((counter / "fit.count").read_text()) == 1
