@@ -11,6 +11,8 @@ E. ``bench eval`` as a whole process (all metrics, CIs) vs a whole process paint
 D. harness overhead (:mod:`bench.overhead`): training s/iter and inference ms/img of every
    trainable adapter through cellbench vs the framework's own loop and predictor, on tiny
    synthetic data (written to results/bench/overhead.json).
+F. executors (:mod:`bench.executor.bench_executors`): a tiny sweep with ``--jobs 1`` and ``--jobs 2``
+   on the CPU, and SLURM's per-job scheduling overhead where a cluster answers.
 
 A-C need the real annotations in ../shared/data, D only the frameworks (sections are skipped with
 a message when data or packages are absent); nothing is downloaded. ``--no-overhead`` leaves D
@@ -487,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.benchmarks", description="make bench: cellbench's speed, measured")
     p.add_argument("--no-overhead", action="store_true", help="leave out section D (harness overhead)")
     p.add_argument("--overhead-args", default="", help='options for python -m bench.overhead, e.g. "--device cuda"')
+    p.add_argument("--no-executors", action="store_true", help="leave out section F (--jobs 1 vs 2, SLURM overhead)")
     a = p.parse_args(argv)
     t_all = time.perf_counter()
     print(f"cellbench benchmarks; {load_note()} (other processes may be loading the CPU)")
@@ -494,6 +497,10 @@ def main(argv: list[str] | None = None) -> int:
     data_sections(rows)
     if not a.no_overhead:
         section_d(rows, [a.overhead_args] if a.overhead_args else [])
+    if not a.no_executors:
+        from bench.executor import bench_executors
+
+        bench_executors.run(rows)
     if not rows:
         return 0
     print(f"\n== summary ({time.perf_counter() - t_all:.0f} s in all; {load_note()}) ==")

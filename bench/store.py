@@ -22,7 +22,11 @@ Layout (unchanged file names, so older ``results/`` read as before)::
         matches.csv.gz         the match table: every gt and predicted instance (bench.metrics.matches)
         match_pairs.csv.gz     every overlapping gt/pred pair of the match table
 
+    RUN/executor.json          where a sweep's executor ran the run (job ids, its stdout/stderr)
+
     SWEEP/sweep.json, SWEEP/split.json, SWEEP/runs/<variant>/seed<k>[-pretrain<j>]/  (SweepDir)
+    SWEEP/jobs/<variant>/seed<k>/   SweepJobDir: request.json, state.json, log.txt of an executor's job
+    SWEEP/slurm/                    submitit's folder (sbatch scripts, pickles, %j_%t_log.out/.err)
 
 Nothing else in ``bench`` spells these names. Records are written atomically
 (:func:`bench.util.atomic_write_json`) and read back into dataclasses; keys a record
@@ -424,6 +428,7 @@ class RunDir:
 
     manifest_path = property(lambda self: self.path / MANIFEST)
     split = property(lambda self: self.path / SPLIT)
+    executor_record = property(lambda self: self.path / "executor.json")
     models_dir = property(lambda self: self.path / MODELS)
     lock_path = property(lambda self: self.path / LOCK)
 
@@ -503,8 +508,33 @@ class SweepDir:
     def pretrain_run(self, variant: str, seed: int, stage: int) -> RunDir:
         return RunDir(self.path / SWEEP_RUNS / variant / f"seed{seed}-pretrain{stage}")
 
+    jobs_dir = property(lambda self: self.path / "jobs")
+    slurm_dir = property(lambda self: self.path / "slurm")
+
+    def job(self, variant: str, seed: int) -> "SweepJobDir":
+        return SweepJobDir(self.jobs_dir / variant / f"seed{seed}")
+
     def read_manifest(self) -> dict | None:
         return json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else None
 
     def write_manifest(self, manifest: dict) -> None:
         atomic_write_json(self.manifest_path, manifest)
+
+
+class SweepJobDir:
+    """``SWEEP/jobs/<variant>/seed<k>/``: one job of a sweep's executor (bench.executor).
+
+    ``request.json`` is what the job runs (written before it starts), ``state.json`` what came
+    of it (written by the job when it ends), ``log.txt`` its stdout and stderr (local executor;
+    SLURM's go to submitit's files, named in the sweep's state)."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    request = property(lambda self: self.path / "request.json")
+    state = property(lambda self: self.path / "state.json")
+    log = property(lambda self: self.path / "log.txt")
+
+    def mkdir(self) -> "SweepJobDir":
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self

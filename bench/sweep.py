@@ -19,6 +19,7 @@ error (start a new sweep) except for added seeds.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -32,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bench.adapters import registry
 from bench.adapters.registry import ConfigError
+from bench.executor.options import ExecutorSpec, SlurmOptions
 from bench import store
 from bench.store import RunDir, SweepDir
 from bench.util import atomic_write_json
@@ -96,6 +98,7 @@ class SweepConfig(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     reference: str = "base"           # the variant every other one is compared with
     variants: dict[str, Variant]
+    slurm: SlurmOptions = Field(default_factory=SlurmOptions)  # --executor slurm's resources (bench.executor)
 
     @field_validator("name")
     @classmethod
@@ -236,8 +239,9 @@ def _check_stage_data(data: str, j: int) -> None:
 
 
 def config_hash(cfg: SweepConfig) -> str:
-    """Identity of a sweep for --resume: everything but the seeds (seeds may be added)."""
-    doc = cfg.model_dump(mode="json", exclude={"seeds"})
+    """Identity of a sweep for --resume: everything but the seeds (seeds may be added) and the
+    SLURM resources (they do not change results)."""
+    doc = cfg.model_dump(mode="json", exclude={"seeds", "slurm"})
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -250,11 +254,13 @@ def run_sweep(config_path: str | Path, seeds: list[int] | None = None, preset: s
               variants: list[str] | None = None, sets: dict[str, Any] | None = None,
               data: str | None = None, results: Path = Path("results"), echo=print,
               timeout_s: float | None = None,
-              opts: dict[str, dict[str, Any]] | None = None) -> tuple[Path, dict[str, dict]]:
+              opts: dict[str, dict[str, Any]] | None = None,
+              executor: ExecutorSpec | None = None) -> tuple[Path, dict[str, dict]]:
     """Run every (chosen) variant x seed; returns the sweep folder and the state of each run.
 
     ``sets``: ``--set`` values for every model of the chosen variants; ``opts``: ``--opt``
-    values per model name (``{model: {key: value}}``).
+    values per model name (``{model: {key: value}}``). ``executor``: None or ``--jobs 1`` runs
+    them here one after the other; else :mod:`bench.executor` runs them (N at once, or SLURM).
     """
     from bench.data.io import load_dataset
     from bench.data.split import make_split, write_split
@@ -292,6 +298,10 @@ def run_sweep(config_path: str | Path, seeds: list[int] | None = None, preset: s
     validate_plan(cfg, config_path, chosen, preset, sets, opts)
     base_preset = preset or cfg.base.preset
     device = resolve_device(device)
+    if executor is not None and not executor.serial:  # refused before anything is written
+        from bench.executor import check_executor
+
+        check_executor(executor, device)
 
     if manifest is not None:
         # seeds added on the command line or in the file join those already run
@@ -319,8 +329,16 @@ def run_sweep(config_path: str | Path, seeds: list[int] | None = None, preset: s
     atomic_write_json(manifest_path, manifest)
 
     echo(f"sweep {cfg.name}: {len(chosen)} variant(s) x {len(seeds)} seed(s) -> {out}")
-    for v in chosen:
-        for seed in seeds:
+    keys = [(v, seed) for v in chosen for seed in seeds]
+    if executor is not None and not executor.serial:  # N jobs at once, or a SLURM job array
+        from bench.executor import run_sweep_jobs
+
+        run_sweep_jobs(executor, out, manifest, keys, echo=echo, request=dict(
+            data=data_path, base_preset=base_preset, preset=preset, device="cuda" if executor.gpus else device,
+            sets=sets, opts=opts, timeout_s=timeout_s, cache=str((results / "cache").resolve())))
+        keys = []
+    with SweepDir(out).lock() if keys else contextlib.nullcontext():  # one sweep process per folder
+        for v, seed in keys:  # --jobs 1: one after the other in this process
             key = f"{v}/seed{seed}"
             state = _run_one(cfg, v, seed, out, data_path, base_preset, preset, device, sets, opts, echo,
                              timeout_s, results / "cache")

@@ -276,6 +276,9 @@ def _exit_with_parent() -> None:
 
 if __name__ == "__main__":
     _exit_with_parent()
+    import signal
+
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # SLURM's time-limit warning is the job's (bench.executor.slurm)
     model_dir = ModelDir(Path(sys.argv[1]))
     try:
         code = main(model_dir.path)

@@ -1,0 +1,35 @@
+"""``bench status``, and the executor options of ``bench sweep`` (registered from :mod:`bench.cli`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from bench.cli import _fail, app
+from bench.data.errors import DataError
+
+
+def executor_spec(config: Path, executor: str, jobs: int | None, gpus: str | None, max_parallel: int | None,
+                  slurm: list[str]):
+    """``--executor/--jobs/--gpus/--max-parallel/--slurm`` over the sweep file's ``slurm:`` section."""
+    from bench.executor import ExecutorSpec, parse_gpus, parse_slurm_options
+    from bench.sweep import load_sweep
+
+    gpu_list = parse_gpus(gpus)
+    file_opts = load_sweep(config).slurm.model_dump(exclude_unset=True)
+    items = list(slurm) + ([f"max_parallel={max_parallel}"] if max_parallel is not None else [])
+    return ExecutorSpec(name=executor, jobs=jobs if jobs is not None else max(1, len(gpu_list)), gpus=gpu_list,
+                        slurm=parse_slurm_options(file_opts, items))
+
+
+@app.command("status")
+def status_cmd(path: Path = typer.Argument(..., help="A sweep folder (results/sweeps/...) or a run folder.")):
+    """Every job of a sweep (or model of a run): pending, running (with its SLURM id), done, failed (with
+    the last lines of its log). Reads the folders and squeue; changes nothing."""
+    from bench.executor.status import status_text
+
+    try:
+        typer.echo(status_text(path))
+    except (DataError, OSError, ValueError) as e:
+        _fail(e)
