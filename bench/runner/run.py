@@ -35,7 +35,7 @@ from bench.store import DevicePlan, Job, Manifest, RunDir, RunLocked, model_labe
 
 RESULTS = Path("results")
 PACKAGES = ("cellbench", "numpy", "scipy", "scikit-image", "pycocotools", "torch", "torchvision", "cellpose",
-            "mmengine", "mmcv", "mmdet", "detectron2", "opencv-python", "opencv-python-headless")
+            "mmengine", "mmcv", "mmdet", "detectron2", "opencv-python", "opencv-python-headless", "ultralytics")
 
 # the built-in data: Sartorius-like synthetic images, sized to the preset
 BUILTIN = {"smoke": {"n_images": 30, "size": (352, 260)}, "default": {"n_images": 200, "size": (704, 520)},
