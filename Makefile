@@ -4,11 +4,16 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.cellbench-setup
+# StarDist's own environment (bench/envs.py: TensorFlow 2.15 needs numpy<2 and protobuf<5)
+SD_VENV  ?= .venv-stardist
+SD_STAMP := $(SD_VENV)/.cellbench-setup
+TF_PKG   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'tensorflow[and-cuda]==2.15.1' || echo 'tensorflow-cpu==2.15.1')
 export MAX_JOBS ?= 2
 
-.PHONY: setup setup-detectron2 test test-gpu gpu-wheels gpu-check compare bench sweep-smoke clean-venv smoke
+.PHONY: setup setup-stardist setup-detectron2 test test-gpu gpu-wheels gpu-check compare bench sweep-smoke clean-venv smoke
 
-setup: $(STAMP)
+# everything a full `make compare` needs: the main .venv and StarDist's own environment
+setup: $(STAMP) $(SD_STAMP)
 
 # With nvcc on PATH and a GPU that torch sees, mmcv and Detectron2 are built with their CUDA ops
 # for that GPU's architecture (never from pip's cache of a CPU-only build), and setup fails loudly
@@ -27,12 +32,22 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip "setuptools>=77,<81" wheel
 	$(PIP) install -q "torch===2.13.0" "torchvision==0.28.0"
-	$(PIP) install -q -e ".[dev]" "cellpose>=3.1,<4" "mmengine==0.10.7" "setuptools>=77,<81"
+	$(PIP) install -q -e ".[dev,yolo]" "cellpose>=3.1,<4" "mmengine==0.10.7" "setuptools>=77,<81"
 	$(CUDA_BUILD) $(PIP) install -q --no-build-isolation "mmcv==2.1.0"
 	$(PIP) install -q "mmdet==3.3.0"
 	$(BIN)/python -c "import torch, torchvision, cellpose, mmcv, mmdet, mmcv.ops; print('setup ok: torch', torch.__version__, 'mmcv', mmcv.__version__, 'mmdet', mmdet.__version__)"
 	$(CHECK_MMCV_CUDA)
 	touch $(STAMP)
+
+# StarDist 0.9 on TensorFlow 2.15 (the last with Keras 2 built in) in its own venv, with cellbench's own
+# (light) dependencies so that its worker runs there; the runner starts stardist's worker with it.
+setup-stardist: $(SD_STAMP)
+$(SD_STAMP): pyproject.toml Makefile
+	test -x $(SD_VENV)/bin/python || $(PYTHON) -m venv $(SD_VENV)
+	$(SD_VENV)/bin/python -m pip install -q --upgrade pip "setuptools>=77,<81" wheel
+	$(SD_VENV)/bin/python -m pip install -q -e ".[dev]" "$(TF_PKG)" "stardist>=0.9,<0.10"
+	$(SD_VENV)/bin/python -c "import numpy, tensorflow as tf, stardist; print('setup-stardist ok: tensorflow', tf.__version__, 'stardist', stardist.__version__, 'numpy', numpy.__version__)"
+	touch $(SD_STAMP)
 
 # Detectron2 has no registry package: build it from its source (a local checkout or a git URL).
 setup-detectron2: $(STAMP)
@@ -40,7 +55,7 @@ setup-detectron2: $(STAMP)
 	$(CUDA_BUILD) case "$(D2_SRC)" in *://*|git@*) $(PIP) install --no-build-isolation "git+$(D2_SRC)" ;; *) $(PIP) install --no-build-isolation -e "$(D2_SRC)" ;; esac
 	$(BIN)/python -c "import torch; from detectron2 import _C; v = _C.has_cuda(); assert not torch.cuda.is_available() or v, 'detectron2 has no CUDA ops on this GPU machine: rebuild with nvcc on PATH'; print('detectron2 ops: CUDA' if v else 'detectron2 ops: CPU build')"
 
-test: $(STAMP)
+test: setup
 	$(BIN)/python -m pytest -q -ra tests
 
 # the cuda-marked tests: two AMP iterations + predict per adapter, compiled ops on the GPU
@@ -57,9 +72,9 @@ gpu-wheels:
 gpu-check:
 	scripts/gpu-check.sh $(GPU_WHEELS) $(GPU_WORK) $(GPU_D2_SRC)
 
-MODELS ?= maskrcnn,cascade,cellpose,maskrcnn-tv,watershed
+MODELS ?= maskrcnn,cascade,cellpose,maskrcnn-tv,stardist,yolo-seg,watershed
 # the report is written even when some models failed; the exit code is bench run's
-compare: $(STAMP)
+compare: setup
 	@$(BIN)/bench run --models $(MODELS) --preset smoke; rc=$$?; \
 	run=$$(ls -td results/runs/*/ | head -1); \
 	$(BIN)/bench tune "$$run" && $(BIN)/bench report "$$run"; \
@@ -73,4 +88,4 @@ sweep-smoke: $(STAMP)
 	$(BIN)/bench sweep configs/experiments/study-smoke.yaml
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(SD_VENV)

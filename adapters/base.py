@@ -178,6 +178,7 @@ class Adapter(abc.ABC):
     framework: ClassVar[str]               # distribution name, for version and install checks
     framework_modules: ClassVar[tuple[str, ...]] = ()  # modules that must import
     install_hint: ClassVar[str] = ""
+    environment: ClassVar[str] = "main"    # the Python environment its worker runs in (bench/envs.py)
     capabilities: ClassVar[Capabilities]
     Config: ClassVar[type[AdapterConfig]] = AdapterConfig
     # the file inside a ``save``d checkpoint that ``weights=`` accepts: what a sweep's pretrain

@@ -43,7 +43,9 @@ META_FILE = "meta.json"
 # `--set KEY=VALUE` applies to every model that has it and is an error naming those that do not.
 VOCABULARY: dict[str, str] = {
     "iterations": "optimiser steps (iteration-based frameworks)",
-    "epochs": "passes over the training images (epoch-based frameworks: Cellpose)",
+    "epochs": "passes over the training images (epoch-based frameworks: Cellpose, YOLO; StarDist's fixed-length epochs)",
+    "steps_per_epoch": "optimiser steps per epoch where the framework fixes an epoch's length (StarDist)",
+    "patch_size": "training crop (h, w) in pixels, where the framework trains on crops (StarDist)",
     "lr": "base learning rate",
     "batch_size": "images per optimiser step",
     "weight_decay": "L2 weight decay",

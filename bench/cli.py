@@ -238,15 +238,18 @@ def eval_cmd(gt: Path = typer.Option(..., "--gt", help="Sartorius folder or trai
 @app.command("models")
 def models_cmd():
     """List registered models: framework, installed or not (and how to install), version, devices."""
+    from bench import envs
     from bench.adapters import registry
 
-    typer.echo(f"{'model':<14} {'framework':<14} {'installed':<10} {'version':<12} {'devices':<10} classes  notes")
+    typer.echo(f"{'model':<14} {'framework':<14} {'installed':<10} {'version':<12} {'devices':<10} classes  "
+               f"{'environment':<24} notes")
     for name, cls in registry.registered().items():
-        a = cls.available()
+        a = envs.availability(cls)  # asked in the model's own environment
         caps = cls.capabilities
-        typer.echo(f"{name:<14} {cls.framework:<14} {'yes' if a.ok else 'no':<10} {a.version or '-':<12} "
-                   f"{','.join(caps.devices):<10} {'yes' if caps.predicts_classes else 'no':<8} "
-                   f"{'' if a.ok else a.hint}")
+        where = f"{a['environment']} ({'set up' if a['ready'] else 'missing'})"
+        typer.echo(f"{name:<14} {cls.framework:<14} {'yes' if a['ok'] else 'no':<10} {a['version'] or '-':<12} "
+                   f"{','.join(caps.devices):<10} {'yes' if caps.predicts_classes else 'no':<8} {where:<24} "
+                   f"{'' if a['ok'] else a['hint']}")
 
 
 @app.command("run")

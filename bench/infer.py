@@ -61,7 +61,11 @@ def load_model(run_dir: Path, model: str, device: str = "auto") -> LoadedModel:
     cls = registry.get(name)
     avail = cls.available()
     if not avail.ok:
-        raise RuntimeError(f"{name}: not installed here: {avail.hint}")
+        from bench import envs  # a model of another environment predicts with that environment's python
+
+        env = envs.of(cls)
+        there = "" if env.name == envs.MAIN else f"; it runs in {env.folder}: `{env.python()} -m bench ...`"
+        raise RuntimeError(f"{name}: not installed here: {avail.hint}{there}")
     # the weights are in the checkpoint: a needs_weights model is not refused for want of weights=
     plan = plan_model(name, cls.capabilities, resolve_device(device), {**job.config, "weights": "checkpoint"})
     adapter = cls(cls.Config(**job.config), manifest.classes, plan.device)

@@ -131,9 +131,11 @@ if [[ $phase == check || $phase == all ]]; then
     xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")
     $PY -m pytest -q -ra -m cuda $xdist tests/test_gpu.py > "$WORK/pytest-gpu.log" 2>&1
     log "cuda tests: $(tail -1 "$WORK/pytest-gpu.log")"
-    log "bench run, all five models, smoke preset, --device cuda"
+    # stardist's row says "not installed" without its own environment (make setup-stardist), yolo-seg's
+    # without Ultralytics (WITH_YOLO=1 scripts/gpu-wheels.sh)
+    log "bench run, all seven models, smoke preset, --device cuda"
     rm -rf "$WORK/run"
-    PYTHONUNBUFFERED=1 $PY -m bench run --models maskrcnn,cascade,cellpose,maskrcnn-tv,watershed --preset smoke \
+    PYTHONUNBUFFERED=1 $PY -m bench run --models maskrcnn,cascade,cellpose,maskrcnn-tv,stardist,yolo-seg,watershed --preset smoke \
         --device cuda --timeout ${MODEL_TIMEOUT:-150} --out "$WORK/run" > "$WORK/bench-run.log" 2>&1
     log "bench run exit $?"
     $PY -m bench.gpu_figures "$WORK/run" --out "$WORK/gpu-figures" | tee -a "$WORK/steps.log"

@@ -14,6 +14,13 @@ python3 -m pip download -q --no-deps "${plat[@]}" -d "$dest" \
     "typing-inspection==0.4.1" "pycocotools==2.0.10" "cellpose==3.1.1.2" "fastremap" "fill-voids" "natsort" \
     "roifile" "mmengine==0.10.7" "addict" "termcolor" "yapf" "platformdirs" "mmdet==3.3.0" "terminaltables" \
     "shapely" "yacs" "omegaconf==2.3.0" "hydra-core==1.3.8" "iopath==0.1.9"
+# yolo-seg (opt-in: WITH_YOLO=1): Ultralytics and its polars need 54 MB more, 67 MB in all, over the
+# 64 MiB a lent GPU machine's wheel folder may hold. StarDist's TensorFlow (~590 MB with CUDA) never fits:
+# on a GPU machine with network, `make setup-stardist` builds its environment (tensorflow[and-cuda]).
+if [[ "${WITH_YOLO:-0}" == 1 ]]; then
+    python3 -m pip download -q --no-deps "${plat[@]}" -d "$dest" "ultralytics==8.4.190" "ultralytics-thop==2.2.3" \
+        "polars==2.1.0" "polars-runtime-32==2.1.0" "ultralytics-platform==0.1.99" "nvidia-ml-py"
+fi
 # sdists straight from the index (pip download would try to build their metadata here)
 python3 - "$dest" <<'PY'
 import hashlib, re, sys, urllib.request

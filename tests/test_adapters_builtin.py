@@ -19,9 +19,10 @@ def test_registry_lists_all_five_models_without_importing_frameworks():
     import subprocess
     import sys
 
-    assert {"watershed", "maskrcnn-tv", "cellpose", "cascade", "maskrcnn"} <= set(registered())
+    assert {"watershed", "maskrcnn-tv", "cellpose", "cascade", "maskrcnn", "stardist", "yolo-seg"} <= set(registered())
     code = ("import sys; from bench.adapters.registry import registered; registered(); "
-            "print(sorted(m for m in ('torch', 'mmdet', 'mmcv', 'detectron2', 'cellpose') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'mmdet', 'mmcv', 'detectron2', 'cellpose', 'tensorflow', "
+            "'stardist', 'ultralytics') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"  # framework imports live inside the adapters' methods
 

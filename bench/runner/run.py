@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from bench import store
+from bench import envs, store
 from bench.adapters import registry
 from bench.data.errors import DataError
 from bench.data.io import load_dataset
@@ -35,7 +35,7 @@ from bench.store import DevicePlan, Job, Manifest, RunDir, RunLocked, model_labe
 
 RESULTS = Path("results")
 PACKAGES = ("cellbench", "numpy", "scipy", "scikit-image", "pycocotools", "torch", "torchvision", "cellpose",
-            "mmengine", "mmcv", "mmdet", "detectron2", "opencv-python", "opencv-python-headless")
+            "mmengine", "mmcv", "mmdet", "detectron2", "opencv-python", "opencv-python-headless", "ultralytics")
 
 # the built-in data: Sartorius-like synthetic images, sized to the preset
 BUILTIN = {"smoke": {"n_images": 30, "size": (352, 260)}, "default": {"n_images": 200, "size": (704, 520)},
@@ -225,6 +225,9 @@ def _run_models(run: RunDir, manifest: Manifest, specs: list[str], configs: dict
     for spec in specs:
         if plans[spec].note:
             echo(f"[{model_label(spec)}] {plans[spec].note}")
+        env = envs.of(registry.get(registry.parse_spec(spec)[0]))
+        if not env.ready():  # said before the first model trains; the model is then skipped as not installed
+            echo(f"[{model_label(spec)}] {env.missing_hint()}")
     outcomes = []
     for spec in specs:
         try:
@@ -282,6 +285,12 @@ def _run_model(run: RunDir, spec: str, config: dict, data: str, plan: DevicePlan
     md.write_job(Job(spec=spec, label=label, config=config, data=data, device=plan.device, seed=seed,
                      train_on=train_on, requested_device=plan.requested, fit=plan.fit,
                      resolve_overlaps=plan.resolve_overlaps))
+    cls = registry.get(registry.parse_spec(spec)[0])
+    if not envs.of(cls).ready():  # its own environment (bench/envs.py) was never built: say how, train nothing
+        hint = envs.of(cls).missing_hint()
+        md.write_status(store.Status(state="not installed", hint=hint, device=plan.device))
+        echo(f"[{label}] not installed: {hint}")
+        return ModelOutcome(label, "not installed", hint, device=plan.device)
     echo(f"[{label}] starting on {plan.device}")
     t0 = time.perf_counter()
     why = None          # the parent's own account of how the worker ended, when the parent ended it
@@ -300,8 +309,8 @@ def _run_model(run: RunDir, spec: str, config: dict, data: str, plan: DevicePlan
             env["CELLBENCH_PROGRESS_FD"] = str(progress_fd)
         try:
             # its own session (process group): a timeout or a forwarded signal reaches all it started
-            proc = subprocess.Popen([sys.executable, "-m", "bench.runner.worker", str(md.path)], stdout=log,
-                                    stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            proc = subprocess.Popen(envs.worker_command(cls, md.path), stdout=log,
+                                    stderr=subprocess.STDOUT, env=envs.worker_env(cls, env), start_new_session=True,
                                     pass_fds=(progress_fd,) if progress_fd is not None else ())
             code = _wait(proc, timeout_s, interrupted)
             if code is None:  # ran past the timeout: the whole group goes
