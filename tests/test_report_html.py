@@ -38,6 +38,12 @@ def test_outcomes_worked_example():
     assert oc.gt_iou[0] == pytest.approx(0.9) and oc.gt_partner[0] == 0
     assert oc.gt_partner[4] == -1 and oc.gt_iou[4] == 0
     assert oc.counts() == {"matched": 1, "missed": 1, "split": 1, "merge": 2, "spurious": 1}
+    # overlapping predictions take the general overlap path and give the same outcomes
+    dup = _boxes(60, 60, [(0, 10, 1, 10), (0, 10, 20, 30), (0, 10, 30, 40), (19, 31, 0, 22), (40, 44, 0, 4),
+                          (40, 44, 2, 6)])
+    oc2 = image_outcomes(gt, dup)
+    assert oc2.gt_outcome == oc.gt_outcome and oc2.pred_outcome[:4] == oc.pred_outcome[:4]
+    assert oc2.pred_outcome[4:] == ["spurious", "spurious"]
     # at a stricter threshold the 0.9-IoU pair is no longer a match
     assert image_outcomes(gt, pred, iou_threshold=0.95).gt_outcome[0] == "missed"
 

@@ -172,23 +172,31 @@ def overlay_uri(lab: np.ndarray, color_of: np.ndarray, palette: list[tuple[int, 
     return _data_uri(img, "PNG", transparency=alpha, optimize=False)
 
 
-def anchor_points(lab: np.ndarray, inst: Instances) -> np.ndarray:
-    """One point inside each instance (its centroid when inside, else its pixel nearest to it)."""
-    h, w = lab.shape
+def anchor_points(lab_small: np.ndarray, inst: Instances, grid: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """One point (full-resolution x, y) inside each instance: its centroid when that lies inside,
+    else its pixel nearest to the centroid. Found on the thumbnail's labels (an eighth of the
+    pixels of a 1024 x 1024 image); instances too small or too hidden to reach the thumbnail fall
+    back to their full-resolution pixels."""
     n = len(inst)
-    flat = lab.ravel()
-    area = np.bincount(flat, minlength=n + 1)[1:].astype(float)
-    yy, xx = np.divmod(np.arange(flat.size), w)
-    cy = np.bincount(flat, weights=yy, minlength=n + 1)[1:] / np.maximum(area, 1)
-    cx = np.bincount(flat, weights=xx, minlength=n + 1)[1:] / np.maximum(area, 1)
-    pts = np.stack([cx, cy], 1)
-    iy, ix = np.clip(np.round(cy).astype(int), 0, h - 1), np.clip(np.round(cx).astype(int), 0, w - 1)
-    for k in np.flatnonzero((area == 0) | (lab[iy, ix] != np.arange(1, n + 1))):
-        pix = rle.pixel_indices(inst.counts[k])  # hidden under another mask, or not convex
+    th, tw = lab_small.shape
+    flat = lab_small.ravel()
+    order = np.argsort(flat, kind="stable")  # pixels grouped by label
+    bounds = np.searchsorted(flat[order], np.arange(n + 2))
+    area = np.diff(bounds)[1:n + 1].astype(float)
+    yy, xx = np.divmod(np.arange(flat.size), tw)
+    cy = np.bincount(flat, weights=yy, minlength=n + 1)[1:n + 1] / np.maximum(area, 1)
+    cx = np.bincount(flat, weights=xx, minlength=n + 1)[1:n + 1] / np.maximum(area, 1)
+    iy, ix = np.clip(np.round(cy).astype(int), 0, th - 1), np.clip(np.round(cx).astype(int), 0, tw - 1)
+    for k in np.flatnonzero((area > 0) & (lab_small[iy, ix] != np.arange(1, n + 1))):  # not convex
+        pix = order[bounds[k + 1]:bounds[k + 2]]
+        j = np.argmin((yy[pix] - cy[k]) ** 2 + (xx[pix] - cx[k]) ** 2)
+        iy[k], ix[k] = yy[pix[j]], xx[pix[j]]
+    pts = np.stack([grid[1][ix], grid[0][iy]], 1).astype(float)
+    for k in np.flatnonzero(area == 0):
+        pix = rle.pixel_indices(inst.counts[k])
         if pix.size:
-            x, y = np.divmod(pix, inst.height)
-            j = np.argmin((x - cx[k]) ** 2 + (y - cy[k]) ** 2) if area[k] else pix.size // 2
-            pts[k] = x[j], y[j]
+            x, y = np.divmod(pix[pix.size // 2], inst.height)
+            pts[k] = x, y
     return pts
 
 
@@ -228,7 +236,7 @@ def model_panel(gt: Instances, pred: Instances, oc: ImageOutcomes, grid, gt_lab_
     combo = np.where(pred_lab_small > 0, pred_lab_small,
                      np.where(gt_lab_small > 0, gt_lab_small + len(pred), 0)).astype(np.int64)
     color_of = np.r_[pred_col, gt_col[1:]]
-    pts = anchor_points(lab, pred)
+    pts = anchor_points(pred_lab_small, pred, grid)
     scores = pred.scores if pred.scores is not None else np.full(len(pred), np.nan)
     areas = pred.areas
     texts = [f"pred {k} · {o} · IoU {oc.pred_iou[k]:.2f} · score {scores[k]:.2f} · area {areas[k]} px"
@@ -249,7 +257,7 @@ def image_payload(sample, models: list[BrowserModel], classes: list[str], thumb_
     grid = _thumb_grid(gt.height, gt.width, thumb_px)
     gt_lab = label_image(gt)
     gt_lab_small = gt_lab[grid[0]][:, grid[1]]
-    gt_pts = anchor_points(gt_lab, gt)
+    gt_pts = anchor_points(gt_lab_small, gt, grid)
     payload = {"img": thumbnail_uri(sample.image, *grid), "w": gt.width, "h": gt.height,
                "tw": len(grid[1]), "th": len(grid[0]),
                "gt": gt_panel(gt, gt_lab_small, gt_pts, classes), "models": {}}

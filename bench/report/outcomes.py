@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bench.data.sample import Instances
-from bench.metrics.matching import mask_overlaps
+from bench.metrics.matching import mask_overlaps, overlaps_disjoint_pred
 
 GT_OUTCOMES = ("matched", "missed", "split", "merge")
 PRED_OUTCOMES = ("matched", "spurious", "split", "merge")
@@ -57,9 +57,20 @@ def _best(idx: np.ndarray, other: np.ndarray, iou: np.ndarray, n: int) -> tuple[
     return partner, best
 
 
+def _runs_disjoint(inst: Instances) -> bool:
+    """Whether no two runs of the masks share a pixel (then no two masks overlap); cheap, no pixels."""
+    starts, lengths, _ = inst.runs()
+    order = np.argsort(starts, kind="stable")
+    s, e = starts[order], (starts + lengths)[order]
+    return not (s[1:] < np.maximum.accumulate(e)[:-1]).any()
+
+
 def image_outcomes(gt: Instances, pred: Instances, iou_threshold: float = 0.5) -> ImageOutcomes:
     """Outcomes of one image's instances (see the module docstring for the definitions)."""
-    ov = mask_overlaps(gt.counts, pred.counts, gt.height, gt.width)
+    if _runs_disjoint(pred):  # the usual case: one label-image lookup
+        ov = overlaps_disjoint_pred(gt.counts, pred.counts, gt.height, gt.width, gt.runs(), pred.runs())
+    else:  # overlapping masks need the general sparse product
+        ov = mask_overlaps(gt.counts, pred.counts, gt.height, gt.width)
     iou = ov.iou
     g_partner, g_iou = _best(ov.gt_idx, ov.pred_idx, iou, len(gt))
     p_partner, p_iou = _best(ov.pred_idx, ov.gt_idx, iou, len(pred))
