@@ -9,6 +9,8 @@ C. peak RSS and time of the full evaluator (Kaggle + COCO AP + bootstrap CIs) on
 D. harness overhead (:mod:`bench.overhead`): training s/iter and inference ms/img of every
    trainable adapter through cellbench vs the framework's own loop and predictor, on tiny
    synthetic data (written to results/bench/overhead.json).
+E. the interactive HTML report on 600 synthetic images x 5 models (:mod:`bench.report.scale`):
+   time to write, size, and time to open / switch images in headless Chromium where installed.
 
 A-C need the real annotations in ../shared/data, D only the frameworks (sections are skipped with
 a message when data or packages are absent); nothing is downloaded. ``--no-overhead`` leaves D
@@ -417,12 +419,17 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m bench.benchmarks", description="make bench: cellbench's speed, measured")
     p.add_argument("--no-overhead", action="store_true", help="leave out section D (harness overhead)")
+    p.add_argument("--no-report", action="store_true", help="leave out section E (the HTML report at scale)")
     p.add_argument("--overhead-args", default="", help='options for python -m bench.overhead, e.g. "--device cuda"')
     a = p.parse_args(argv)
     t_all = time.perf_counter()
     print(f"cellbench benchmarks; {load_note()} (other processes may be loading the CPU)")
     rows: list[tuple[str, str, str, bool | None]] = []
     data_sections(rows)
+    if not a.no_report:
+        from bench.report.scale import section_e
+
+        section_e(rows, REPO / "results" / "cache")
     if not a.no_overhead:
         section_d(rows, [a.overhead_args] if a.overhead_args else [])
     if not rows:
