@@ -19,6 +19,8 @@ Layout (unchanged file names, so older ``results/`` read as before)::
         predict.done.json      PredictDone: the predict stage finished (timings, memory)
         metrics.json           the evaluator's scores (+ timings, device): the model is finished
         tuning.json            ``bench tune``'s thresholds
+        matches.csv.gz         the match table: every gt and predicted instance (bench.metrics.matches)
+        match_pairs.csv.gz     every overlapping gt/pred pair of the match table
 
     SWEEP/sweep.json, SWEEP/split.json, SWEEP/runs/<variant>/seed<k>[-pretrain<j>]/  (SweepDir)
 
@@ -244,6 +246,8 @@ class ModelDir:
     predict_done = property(lambda self: self.path / "predict.done.json")
     metrics = property(lambda self: self.path / "metrics.json")
     tuning = property(lambda self: self.path / "tuning.json")
+    matches = property(lambda self: self.path / "matches.csv.gz")
+    match_pairs = property(lambda self: self.path / "match_pairs.csv.gz")
 
     def mkdir(self) -> "ModelDir":
         self.path.mkdir(parents=True, exist_ok=True)

@@ -79,8 +79,14 @@ def check_or_resolve_overlaps(pred: Instances, image_id: str, resolve: bool) -> 
 
 def resolve_overlaps(pred: Instances) -> Instances:
     """Each pixel goes to the highest-scoring instance that claims it; emptied instances are dropped."""
+    return resolve_overlaps_index(pred)[0]
+
+
+def resolve_overlaps_index(pred: Instances) -> tuple[Instances, np.ndarray]:
+    """:func:`resolve_overlaps` and the positions in ``pred`` of the instances it kept (the match
+    table names predictions by their position in the predictions file)."""
     if len(pred) == 0:
-        return pred
+        return pred, np.zeros(0, dtype=np.int64)
     scores = pred.scores if pred.scores is not None else -np.arange(len(pred), dtype=float)
     order = np.argsort(-scores, kind="stable")
     lab = np.zeros(pred.height * pred.width, dtype=np.int32)
@@ -90,7 +96,8 @@ def resolve_overlaps(pred: Instances) -> Instances:
     keep = ids - 1
     out = Instances(pred.height, pred.width, counts, pred.classes[keep],
                     None if pred.scores is None else pred.scores[keep])
-    return out.subset(np.argsort(keep, kind="stable"))  # original order
+    order = np.argsort(keep, kind="stable")
+    return out.subset(order), keep[order].astype(np.int64)  # original order
 
 
 def quick_map(gts: list[Instances], preds: list[Instances]) -> float:
