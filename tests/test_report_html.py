@@ -13,7 +13,6 @@ import pytest
 
 from bench.adapters import registry
 from bench.data.sample import Instances
-from bench.report.outcomes import image_outcomes
 
 FAKE = str(Path(__file__).parent / "plugins" / "fake_adapter.py")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -27,25 +26,28 @@ def _boxes(h: int, w: int, boxes: list[tuple[int, int, int, int]]) -> Instances:
     return Instances.from_masks(masks, scores=np.linspace(0.9, 0.5, len(boxes)))
 
 
-def test_outcomes_worked_example():
-    # gt 0 found; gt 1 cut in two halves (split); gts 2 and 3 covered by one box (merge); gt 4 not found;
-    # one prediction on empty background (spurious)
+def test_outcomes_per_image_follow_the_match_table():
+    """gt 0 found; gt 1 cut in two halves (split); gts 2 and 3 covered by one box (merge); gt 4 not
+    found; a prediction on empty background (spurious); one hidden under a higher-scoring mask."""
+    from bench.data.sample import Sample
+    from bench.metrics.matches import MatchTable, images_for_predictions
+    from bench.report.outcomes import per_image
+
     gt = _boxes(60, 60, [(0, 10, 0, 10), (0, 10, 20, 40), (20, 30, 0, 10), (20, 30, 12, 22), (45, 55, 45, 55)])
-    pred = _boxes(60, 60, [(0, 10, 1, 10), (0, 10, 20, 30), (0, 10, 30, 40), (19, 31, 0, 22), (40, 44, 0, 4)])
-    oc = image_outcomes(gt, pred)
-    assert oc.gt_outcome == ["matched", "split", "merge", "merge", "missed"]
-    assert oc.pred_outcome == ["matched", "split", "split", "merge", "spurious"]
-    assert oc.gt_iou[0] == pytest.approx(0.9) and oc.gt_partner[0] == 0
-    assert oc.gt_partner[4] == -1 and oc.gt_iou[4] == 0
-    assert oc.counts() == {"matched": 1, "missed": 1, "split": 1, "merge": 2, "spurious": 1}
-    # overlapping predictions take the general overlap path and give the same outcomes
-    dup = _boxes(60, 60, [(0, 10, 1, 10), (0, 10, 20, 30), (0, 10, 30, 40), (19, 31, 0, 22), (40, 44, 0, 4),
-                          (40, 44, 2, 6)])
-    oc2 = image_outcomes(gt, dup)
-    assert oc2.gt_outcome == oc.gt_outcome and oc2.pred_outcome[:4] == oc.pred_outcome[:4]
-    assert oc2.pred_outcome[4:] == ["spurious", "spurious"]
-    # at a stricter threshold the 0.9-IoU pair is no longer a match
-    assert image_outcomes(gt, pred, iou_threshold=0.95).gt_outcome[0] == "missed"
+    pred = _boxes(60, 60, [(0, 10, 1, 10), (0, 10, 20, 30), (0, 10, 30, 40), (19, 31, 0, 22), (40, 44, 0, 4),
+                           (40, 44, 1, 3)])
+    samples = [Sample("a", gt), Sample("b", gt)]
+    preds = {"a": pred}  # no predictions for b
+    table = MatchTable.from_images("m", images_for_predictions({s.image_id: (s.instances, "x") for s in samples},
+                                                               preds), ["x"])
+    oc = per_image(table, samples, preds)
+    assert oc["a"].gt_outcome == ["matched", "split", "merge", "merge", "missed"]
+    assert oc["a"].pred_outcome == ["matched", "split", "split", "merge", "spurious", ""]  # the last: resolved away
+    assert oc["a"].gt_iou[0] == pytest.approx(0.9) and oc["a"].gt_partner[0] == 0 and oc["a"].pred_partner[0] == 0
+    assert oc["a"].gt_partner[4] == -1 and oc["a"].gt_iou[4] == 0
+    assert oc["a"].counts() == {"gt": {"matched": 1, "split": 1, "merge": 2, "missed": 1},
+                                "pred": {"matched": 1, "split": 2, "merge": 1, "spurious": 1}}
+    assert oc["b"].gt_outcome == ["missed"] * 5 and oc["b"].pred_outcome == []
 
 
 @pytest.fixture(scope="module")

@@ -31,14 +31,18 @@ import numpy as np
 
 from bench.data import rle
 from bench.data.sample import Instances
-from bench.report.outcomes import ImageOutcomes, image_outcomes
+from bench.report.outcomes import ImageOutcomes, model_table, per_image
 from bench.util import atomic_write_text
 
 MAX_BYTES = 50_000_000
 THUMB_PX = 384
 TOP_CELLS = 300
-OUTCOME_COLORS = {"matched": (44, 160, 44), "spurious": (255, 127, 14), "split": (148, 103, 189),
-                  "merge": (31, 119, 180), "missed": (214, 39, 40)}
+# the match table's outcomes (bench.metrics.matches); gt cells are drawn on a model's panel only when missed
+OUTCOME_COLORS = {"matched": (44, 160, 44), "missed": (214, 39, 40), "split": (148, 103, 189),
+                  "merge": (31, 119, 180), "poor_boundary": (188, 189, 34), "duplicate": (227, 119, 194),
+                  "spurious": (255, 127, 14)}
+GT_ORDER = ("matched", "missed", "split", "merge", "poor_boundary")
+PRED_ORDER = ("matched", "spurious", "split", "merge", "poor_boundary", "duplicate")
 GT_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
              (227, 119, 194), (188, 189, 34), (23, 190, 207), (127, 127, 127)]
 FILL_ALPHA, EDGE_ALPHA = 90, 255
@@ -46,11 +50,14 @@ FILL_ALPHA, EDGE_ALPHA = 90, 255
 
 @dataclass
 class BrowserModel:
-    """A model shown in the image browser: its label, predictions and per-image Kaggle scores."""
+    """A model shown in the image browser: its predictions, per-image Kaggle scores, outcomes
+    per image (from its match table) and its error taxonomy."""
 
     label: str
     preds: dict[str, Instances]
     per_image: dict[str, float]
+    outcomes: dict[str, ImageOutcomes]
+    taxonomy: dict
 
 
 @dataclass
@@ -100,8 +107,20 @@ def collect_browser(done: list[dict]) -> Browser:
         if not p.is_file():
             b.left_out.append(f"{r['model']}: no stored predictions ({p})")
             continue
-        b.models.append(BrowserModel(r["model"], read_predictions(p)[0], run["metrics"].get("per_image", {})))
+        preds = read_predictions(p)[0]
+        table = model_table(run["run"], r["model"], b.samples, preds, ds.classes)
+        b.models.append(BrowserModel(r["model"], preds, run["metrics"].get("per_image", {}),
+                                     per_image(table, b.samples, preds), _taxonomy(run["metrics"], table, ds.classes)))
     return b
+
+
+def _taxonomy(metrics: dict, table, classes: list[str]) -> dict:
+    """The run's taxonomy (metrics.json of newer runs), else computed from the match table."""
+    if "taxonomy" in metrics:
+        return metrics["taxonomy"]
+    from bench.metrics.taxonomy import taxonomy
+
+    return taxonomy(table.images(classes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +248,7 @@ def model_panel(gt: Instances, pred: Instances, oc: ImageOutcomes, grid, gt_lab_
     order = None if pred.scores is None else np.argsort(pred.scores, kind="stable")  # best score on top
     lab = label_image(pred, order)
     pred_lab_small = lab[grid[0]][:, grid[1]]
-    pred_col = np.r_[-1, [names.index(o) for o in oc.pred_outcome]].astype(np.int64)
+    pred_col = np.r_[-1, [names.index(o) if o else -1 for o in oc.pred_outcome]].astype(np.int64)
     missed = np.array([o == "missed" for o in oc.gt_outcome], bool)
     gt_col = np.r_[-1, np.where(missed, names.index("missed"), -1)].astype(np.int64)
     # one label space: predictions 1..P, missed cells P+1..P+G where no prediction is drawn
@@ -239,14 +258,15 @@ def model_panel(gt: Instances, pred: Instances, oc: ImageOutcomes, grid, gt_lab_
     pts = anchor_points(pred_lab_small, pred, grid)
     scores = pred.scores if pred.scores is not None else np.full(len(pred), np.nan)
     areas = pred.areas
-    texts = [f"pred {k} · {o} · IoU {oc.pred_iou[k]:.2f} · score {scores[k]:.2f} · area {areas[k]} px"
-             + (f" · gt {oc.pred_partner[k]}" if oc.pred_partner[k] >= 0 else "")
-             for k, o in enumerate(oc.pred_outcome)]
-    colors = [_hex(OUTCOME_COLORS[o]) for o in oc.pred_outcome]
+    drawn = [k for k, o in enumerate(oc.pred_outcome) if o]  # "" : resolved away, never scored
+    texts = [f"pred {k} · {oc.pred_outcome[k]} · IoU {oc.pred_iou[k]:.2f} · score {scores[k]:.2f} · "
+             f"area {areas[k]} px" + (f" · gt {oc.pred_partner[k]}" if oc.pred_partner[k] >= 0 else "")
+             for k in drawn]
+    colors = [_hex(OUTCOME_COLORS[oc.pred_outcome[k]]) for k in drawn]
     gk = np.flatnonzero(missed)
     texts += [f"gt {k} · missed · best IoU {oc.gt_iou[k]:.2f}" for k in gk]
     colors += [_hex(OUTCOME_COLORS["missed"])] * len(gk)
-    all_pts = np.concatenate([pts, gt_pts[gk]]) if len(gk) else pts
+    all_pts = np.concatenate([pts[drawn], gt_pts[gk]])
     return {"ov": overlay_uri(combo, color_of, palette), "pts": _points(all_pts, texts, colors)}
 
 
@@ -264,7 +284,7 @@ def image_payload(sample, models: list[BrowserModel], classes: list[str], thumb_
     outcomes = {}
     for m in models:
         pred = m.preds.get(sample.image_id, Instances.empty(gt.height, gt.width))
-        oc = outcomes[m.label] = image_outcomes(gt, pred)
+        oc = outcomes[m.label] = m.outcomes.get(sample.image_id) or ImageOutcomes.empty(len(gt), len(pred))
         payload["models"][m.label] = model_panel(gt, pred, oc, grid, gt_lab_small, gt_pts)
     return payload, outcomes
 
@@ -293,13 +313,39 @@ def pair_rankings(samples: list, models: list[BrowserModel], outcomes: list[dict
     return out
 
 
-def outcome_chart(models: list[str], totals: dict[str, dict[str, int]]) -> dict:
-    """Stacked bars of ground-truth outcomes plus spurious predictions per model (a Plotly figure)."""
-    data = [{"type": "bar", "name": k, "x": models, "y": [totals[m].get(k, 0) for m in models],
-             "marker": {"color": _hex(OUTCOME_COLORS[k])}} for k in ("matched", "missed", "split", "merge", "spurious")]
-    return {"data": data, "layout": {"barmode": "stack", "title": {"text": "Outcomes at IoU > 0.5 (all images)"},
-                                     "yaxis": {"title": {"text": "cells (gt) / predictions (spurious)"}},
-                                     "height": 380, "margin": {"t": 50}}}
+def _bars(title: str, ytitle: str, models: list[str], series: list[tuple[str, list, str | None]],
+          barmode: str = "stack") -> dict:
+    data = [{"type": "bar", "name": name.replace("_", " "), "x": models, "y": ys,
+             **({"marker": {"color": color}} if color else {})} for name, ys, color in series]
+    return {"data": data, "layout": {"barmode": barmode, "title": {"text": title}, "height": 380,
+                                     "yaxis": {"title": {"text": ytitle}}, "margin": {"t": 50}}}
+
+
+def taxonomy_charts(models: list[BrowserModel]) -> list[dict]:
+    """The error taxonomy per model: gt and prediction outcomes, the Kaggle mAP each error type
+    costs (mAP if fixed minus actual), and the share of cells found per size bin."""
+    labels = [m.label for m in models]
+    tax = [m.taxonomy for m in models]
+    thr = tax[0].get("iou_threshold", 0.5)
+    out = [_bars(f"Ground-truth cells by outcome (IoU {thr:g})", "cells", labels,
+                 [(k, [t["counts"]["gt"].get(k, 0) for t in tax], _hex(OUTCOME_COLORS[k])) for k in GT_ORDER]),
+           _bars(f"Predictions by outcome (IoU {thr:g})", "predictions", labels,
+                 [(k, [t["counts"]["pred"].get(k, 0) for t in tax], _hex(OUTCOME_COLORS[k])) for k in PRED_ORDER])]
+    if all("gain_if_fixed" in t for t in tax):
+        fixes = list(tax[0]["gain_if_fixed"])
+        out.append(_bars("What each error type costs: Kaggle mAP if fixed minus actual", "Kaggle mAP gain", labels,
+                         [(f, [t["gain_if_fixed"][f] for t in tax],
+                           _hex(OUTCOME_COLORS.get(f, (127, 127, 127)))) for f in fixes], "group"))
+    bins = ("small", "medium", "large")
+    share = [[_matched_share(t.get("per_size", {}).get(b)) for t in tax] for b in bins]
+    out.append(_bars("Share of ground-truth cells matched, by size (LIVECell bins)", "matched / cells", labels,
+                     [(b, share[k], None) for k, b in enumerate(bins)], "group"))
+    return out
+
+
+def _matched_share(c: dict | None) -> float | None:
+    n = sum((c or {}).get("gt", {}).values())
+    return c["gt"].get("matched", 0) / n if n else None
 
 
 def score_chart(models: list[BrowserModel], ids: list[str]) -> dict:
@@ -321,21 +367,23 @@ def precision_chart(done: list[dict]) -> dict:
                                      "xaxis": {"title": {"text": "IoU threshold t"}}, "margin": {"t": 50}}}
 
 
-def leaderboard_table(rows: list[dict], classes: list[str], totals: dict[str, dict[str, int]]) -> dict:
-    """Columns and cells of the sortable leaderboard (numbers stay numbers so that they sort)."""
-    cols = ["model", "Kaggle mAP", "CI low", "CI high", "COCO AP", "AP50", *classes, "vs best", "matched",
-            "missed", "split", "merge", "spurious", "train s", "ms/img", "peak RSS MB", "device"]
+def leaderboard_table(rows: list[dict], classes: list[str], totals: dict[str, dict]) -> dict:
+    """Columns and cells of the sortable leaderboard (numbers stay numbers so that they sort); the
+    outcome counts are over the images of the browser (``totals``: model -> {"gt"|"pred": counts})."""
+    counted = [("gt", k) for k in GT_ORDER] + [("pred", k) for k in ("spurious", "duplicate")]
+    cols = ["model", "Kaggle mAP", "CI low", "CI high", "COCO AP", "AP50", *classes, "vs best",
+            *[k.replace("_", " ") for _, k in counted], "train s", "ms/img", "peak RSS MB", "device"]
     out = []
     for r in rows:
         if r["state"] != "done":
             out.append([r["model"], None, None, None, None, None, *[None] * len(classes),
-                        f"{r['state']}: {r.get('detail', '')[:160]}", *[None] * 8, None])
+                        f"{r['state']}: {r.get('detail', '')[:160]}", *[None] * (len(counted) + 4)])
             continue
         ci = r["kaggle_map_ci95"]
         t = totals.get(r["model"], {})
         out.append([r["model"], r["kaggle_map"], ci[0], ci[1], r["coco_AP"], r["coco_AP50"],
                     *[r["per_class"].get(c) for c in classes], r.get("vs_best", ""),
-                    *[t.get(k) for k in ("matched", "missed", "split", "merge", "spurious")],
+                    *[t[side].get(k, 0) if t else None for side, k in counted],
                     r["train_s"], r["infer_ms"], r["peak_rss_mb"], r.get("device")])
     return {"cols": cols, "rows": out}
 
@@ -404,18 +452,20 @@ def write_html_report(rows: list[dict], out: Path, pngs: list[Path], intro_md: s
         all_outcomes.append(oc)
         anchors.append(np.array([p["gt"]["pts"]["x"], p["gt"]["pts"]["y"]]).T.reshape(-1, 2))
     labels = [m.label for m in b.models]
-    totals = {m: {} for m in labels}
+    totals: dict[str, dict] = {m: {"gt": {}, "pred": {}} for m in labels}
     images = []
     for s, oc in zip(b.samples, all_outcomes):
         per = {}
         for m in b.models:
             c = oc[m.label].counts()
-            per[m.label] = {"score": m.per_image.get(s.image_id), **c}
-            for k, v in c.items():
-                totals[m.label][k] = totals[m.label].get(k, 0) + v
+            per[m.label] = {"score": m.per_image.get(s.image_id)}
+            for side in ("gt", "pred"):
+                for k, v in c[side].items():
+                    totals[m.label][side][k] = totals[m.label][side].get(k, 0) + v
         images.append({"id": s.image_id, "cls": s.cell_type(ds_classes), "n_gt": len(s.instances), "m": per})
-    charts = [outcome_chart(labels, totals), score_chart(b.models, [s.image_id for s in b.samples])] if labels else []
-    charts.append(precision_chart(done)) if done else None
+    charts = taxonomy_charts(b.models) + [score_chart(b.models, [s.image_id for s in b.samples])] if labels else []
+    if done:
+        charts.append(precision_chart(done))
     summary = {"models": labels, "images": images, "pairs": pair_rankings(b.samples, b.models, all_outcomes, anchors),
                "leaderboard": leaderboard_table(rows, classes, totals), "charts": charts,
                "notes": ([b.note] if b.note else []) + [f"left out of the image browser: {x}" for x in b.left_out],
