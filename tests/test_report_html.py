@@ -201,3 +201,14 @@ def _check_folder(browser, page_path: Path) -> None:
     assert loaded == ["images/0.js", "images/1.js"]
     assert errors == []
     page.close()
+
+
+def test_report_without_the_images_keeps_tables_and_says_why(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoint", "work", "run.lock"))
+    m = json.loads((run / "manifest.json").read_text())
+    m["data"] = str(tmp_path / "moved-away")
+    (run / "manifest.json").write_text(json.dumps(m))
+    s = _summary(_report(run, tmp_path / "rep").read_text())
+    assert s["images"] == [] and s["models"] == [] and len(s["leaderboard"]["rows"]) == 2
+    assert any("moved-away" in n and "cannot be read" in n for n in s["notes"])
