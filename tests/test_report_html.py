@@ -164,7 +164,12 @@ def _check_single_file(browser, page_path: Path) -> None:
     _images_drawn(page, 2 * 3)  # gt + 2 models, each an image and its overlay
     hrefs = page.eval_on_selector_all("#browser-plot .imagelayer image", "els => els.map(e => e.getAttribute('href'))")
     assert all(h.startswith("data:image/") for h in hrefs) and len(set(hrefs)) == 4  # 1 thumbnail, 3 overlays
-    assert page.locator("#browser-plot .scatterlayer .point").count() > 0  # hover markers
+    traces = page.locator("#browser-plot .scatterlayer .trace")
+    assert traces.count() == 3 and traces.nth(0).locator(".point").count() > 0
+    box = traces.nth(1).locator(".point").first.bounding_box()  # the fake model's first prediction
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.wait_for_function("(document.querySelector('#browser-plot .hoverlayer') || {}).textContent"
+                           "?.match(/pred \\d+ · matched · IoU \\d\\.\\d\\d · score/)", timeout=5_000)
     page.select_option("#model", "fake--mode=drop_half")
     _images_drawn(page, 2 * 2)
     assert "fake--mode=drop_half" in page.inner_text("#browser-plot")

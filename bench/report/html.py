@@ -147,7 +147,7 @@ def thumbnail_uri(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> str:
     from bench.data.normalize import normalize, to_uint8
 
     small = np.ascontiguousarray(image[rows][:, cols])
-    return _data_uri(Image.fromarray(to_uint8(normalize(small))), "JPEG", quality=82)
+    return _data_uri(Image.fromarray(to_uint8(normalize(small))), "JPEG", quality=70)
 
 
 def label_image(inst: Instances, order: np.ndarray | None = None) -> np.ndarray:
@@ -223,21 +223,25 @@ def anchor_points(lab_small: np.ndarray, inst: Instances, grid: tuple[np.ndarray
 # one image's payload
 
 
-def _points(pts: np.ndarray, texts: list[str], colors: list[str]) -> dict:
-    return {"x": np.round(pts[:, 0], 1).tolist(), "y": np.round(pts[:, 1], 1).tolist(), "t": texts, "c": colors}
+def _points(pts: np.ndarray, **cols) -> dict:
+    """Hover points as compact columns (the page writes the hover text): x, y in full-resolution
+    pixels, plus per point e.g. k (instance index), o (outcome index), i (IoU), s (score), a (area)."""
+    out = {"x": np.round(pts[:, 0]).astype(int).tolist(), "y": np.round(pts[:, 1]).astype(int).tolist()}
+    for name, v in cols.items():
+        v = np.asarray(v)
+        out[name] = [None if x != x else x for x in np.round(v, 2).tolist()] if v.dtype.kind == "f" else v.tolist()
+    return out
 
 
 def _hex(rgb: tuple[int, int, int]) -> str:
     return "#%02x%02x%02x" % rgb
 
 
-def gt_panel(gt: Instances, gt_lab_small: np.ndarray, gt_pts: np.ndarray, classes: list[str]) -> dict:
-    areas = gt.areas
+def gt_panel(gt: Instances, gt_lab_small: np.ndarray, gt_pts: np.ndarray) -> dict:
+    """Ground truth: every cell in its own colour (cycling ``GT_COLORS``); hover: index, class, area."""
     color_of = np.r_[-1, np.arange(len(gt)) % len(GT_COLORS)]
-    texts = [f"gt {k} · {classes[c] if 0 <= c < len(classes) else 'cell'} · area {areas[k]} px"
-             for k, c in enumerate(gt.classes)]
     return {"ov": overlay_uri(gt_lab_small, color_of, GT_COLORS),
-            "pts": _points(gt_pts, texts, [_hex(GT_COLORS[k % len(GT_COLORS)]) for k in range(len(gt))])}
+            "pts": _points(gt_pts, k=np.arange(len(gt)), c=gt.classes, a=gt.areas)}
 
 
 def model_panel(gt: Instances, pred: Instances, oc: ImageOutcomes, grid, gt_lab_small: np.ndarray,
@@ -258,19 +262,18 @@ def model_panel(gt: Instances, pred: Instances, oc: ImageOutcomes, grid, gt_lab_
     pts = anchor_points(pred_lab_small, pred, grid)
     scores = pred.scores if pred.scores is not None else np.full(len(pred), np.nan)
     areas = pred.areas
-    drawn = [k for k, o in enumerate(oc.pred_outcome) if o]  # "" : resolved away, never scored
-    texts = [f"pred {k} · {oc.pred_outcome[k]} · IoU {oc.pred_iou[k]:.2f} · score {scores[k]:.2f} · "
-             f"area {areas[k]} px" + (f" · gt {oc.pred_partner[k]}" if oc.pred_partner[k] >= 0 else "")
-             for k in drawn]
-    colors = [_hex(OUTCOME_COLORS[oc.pred_outcome[k]]) for k in drawn]
+    drawn = np.array([k for k, o in enumerate(oc.pred_outcome) if o], np.int64)  # "": resolved away, never scored
     gk = np.flatnonzero(missed)
-    texts += [f"gt {k} · missed · best IoU {oc.gt_iou[k]:.2f}" for k in gk]
-    colors += [_hex(OUTCOME_COLORS["missed"])] * len(gk)
-    all_pts = np.concatenate([pts[drawn], gt_pts[gk]])
-    return {"ov": overlay_uri(combo, color_of, palette), "pts": _points(all_pts, texts, colors)}
+    # hover points: the drawn predictions, then the missed cells (their outcome says which side)
+    o = np.r_[pred_col[1:][drawn], np.full(len(gk), names.index("missed"))]
+    return {"ov": overlay_uri(combo, color_of, palette),
+            "pts": _points(np.concatenate([pts[drawn], gt_pts[gk]]).reshape(-1, 2), k=np.r_[drawn, gk], o=o,
+                           i=np.r_[oc.pred_iou[drawn], oc.gt_iou[gk]], s=np.r_[scores[drawn], np.full(len(gk), np.nan)],
+                           a=np.r_[areas[drawn], gt.areas[gk]],
+                           p=np.r_[oc.pred_partner[drawn], oc.gt_partner[gk]])}
 
 
-def image_payload(sample, models: list[BrowserModel], classes: list[str], thumb_px: int
+def image_payload(sample, models: list[BrowserModel], thumb_px: int
                   ) -> tuple[dict, dict[str, ImageOutcomes]]:
     """The lazily parsed part of one image (thumbnail, overlays, hover points) and its outcomes."""
     gt = sample.instances
@@ -280,7 +283,7 @@ def image_payload(sample, models: list[BrowserModel], classes: list[str], thumb_
     gt_pts = anchor_points(gt_lab_small, gt, grid)
     payload = {"img": thumbnail_uri(sample.image, *grid), "w": gt.width, "h": gt.height,
                "tw": len(grid[1]), "th": len(grid[0]),
-               "gt": gt_panel(gt, gt_lab_small, gt_pts, classes), "models": {}}
+               "gt": gt_panel(gt, gt_lab_small, gt_pts), "models": {}}
     outcomes = {}
     for m in models:
         pred = m.preds.get(sample.image_id, Instances.empty(gt.height, gt.width))
@@ -393,7 +396,8 @@ def leaderboard_table(rows: list[dict], classes: list[str], totals: dict[str, di
 
 
 def _json_script(obj, id_: str) -> str:
-    text = json.dumps(obj, separators=(",", ":"), allow_nan=False, default=_jsonable).replace("</", "<\\/")
+    text = json.dumps(obj, separators=(",", ":"), allow_nan=False, default=_jsonable, ensure_ascii=False
+                      ).replace("</", "<\\/")
     return f'<script type="application/json" id="{id_}">{text}</script>'
 
 
@@ -447,7 +451,7 @@ def write_html_report(rows: list[dict], out: Path, pngs: list[Path], intro_md: s
     ds_classes = done[0]["runs"][0]["manifest"].get("classes", []) if done else []
     payloads, all_outcomes, anchors = [], [], []
     for s in b.samples:
-        p, oc = image_payload(s, b.models, ds_classes, thumb_px)
+        p, oc = image_payload(s, b.models, thumb_px)
         payloads.append(p)
         all_outcomes.append(oc)
         anchors.append(np.array([p["gt"]["pts"]["x"], p["gt"]["pts"]["y"]]).T.reshape(-1, 2))
@@ -469,7 +473,8 @@ def write_html_report(rows: list[dict], out: Path, pngs: list[Path], intro_md: s
     summary = {"models": labels, "images": images, "pairs": pair_rankings(b.samples, b.models, all_outcomes, anchors),
                "leaderboard": leaderboard_table(rows, classes, totals), "charts": charts,
                "notes": ([b.note] if b.note else []) + [f"left out of the image browser: {x}" for x in b.left_out],
-               "colors": {k: _hex(v) for k, v in OUTCOME_COLORS.items()}, "split": "inline"}
+               "colors": {k: _hex(v) for k, v in OUTCOME_COLORS.items()}, "gt_colors": [_hex(c) for c in GT_COLORS],
+               "classes": ds_classes, "split": "inline"}
     intro = "".join(f"<p>{html.escape(line)}</p>" for line in intro_md.splitlines()[1:] if line.strip())
     pngs_html = embedded_pngs(pngs)
     scripts = [_json_script(p, f"cb-img-{k}") for k, p in enumerate(payloads)]

@@ -77,6 +77,24 @@ function shownModels() {
   return [state.model];
 }
 
+const OUTCOMES = Object.keys(CB.colors);
+
+// The hover text and colour of each point of a panel, from the payload's compact columns.
+function hoverPoints(q, isGt) {
+  const P = q.pts, f = (v) => (v === null || v === undefined ? "-" : v.toFixed(2));
+  if (isGt) return {
+    text: P.k.map((k, j) => "gt " + k + " · " + (CB.classes[P.c[j]] || "cell") + " · area " + P.a[j] + " px"),
+    color: P.k.map((k) => CB.gt_colors[k % CB.gt_colors.length])};
+  return {
+    text: P.k.map((k, j) => {
+      const o = OUTCOMES[P.o[j]];
+      if (o === "missed") return "gt " + k + " · missed · best IoU " + f(P.i[j]) + " · area " + P.a[j] + " px";
+      return "pred " + k + " · " + o.replace("_", " ") + " · IoU " + f(P.i[j]) + " · score " + f(P.s[j]) +
+        " · area " + P.a[j] + " px" + (P.p[j] >= 0 ? " · gt " + P.p[j] : "");
+    }),
+    color: P.o.map((o) => CB.colors[OUTCOMES[o]])};
+}
+
 function panelTraces(p, q, k, showOv) {
   const ax = k ? String(k + 1) : "", xa = "x" + ax, ya = "y" + ax;
   const dx = p.w / p.tw, dy = p.h / p.th;
@@ -84,8 +102,9 @@ function panelTraces(p, q, k, showOv) {
     xaxis: xa, yaxis: ya, hoverinfo: "skip", name: name});
   const traces = [img(p.img, "image")];
   if (showOv) traces.push(img(q.ov, "masks"));
-  traces.push({type: "scatter", mode: "markers", x: q.pts.x, y: q.pts.y, text: q.pts.t, xaxis: xa, yaxis: ya,
-    hovertemplate: "%{text}<extra></extra>", marker: {size: 5, color: q.pts.c, line: {width: 0.5, color: "#fff"}}});
+  const h = hoverPoints(q, k === 0);
+  traces.push({type: "scatter", mode: "markers", x: q.pts.x, y: q.pts.y, text: h.text, xaxis: xa, yaxis: ya,
+    hovertemplate: "%{text}<extra></extra>", marker: {size: 5, color: h.color, line: {width: 0.5, color: "#fff"}}});
   if (state.focus) traces.push({type: "scatter", mode: "markers", x: [state.focus.x], y: [state.focus.y],
     xaxis: xa, yaxis: ya, hoverinfo: "skip", marker: {size: 28, color: "rgba(0,0,0,0)", line: {width: 2, color: "#ff0"}}});
   return traces;
