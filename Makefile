@@ -12,10 +12,12 @@ setup: $(STAMP)
 
 # With nvcc on PATH and a GPU that torch sees, mmcv and Detectron2 are built with their CUDA ops
 # for that GPU's architecture (never from pip's cache of a CPU-only build), and setup fails loudly
-# when the ops still say CUDA is not available.
+# when the ops still say CUDA is not available. The C++ runtime is linked as the shared
+# libstdc++.so.6: a CUDA build that pulled in libstdc++.a crashed at its first std::ostringstream
+# (DEVELOPERS.md, "GPU machines").
 # (a shell prefix, evaluated when the line runs: torch is installed by then)
 CUDA_BUILD = arch=$$($(BIN)/python -c "import torch; c = torch.cuda.get_device_capability() if torch.cuda.is_available() else None; print('%d.%d' % c if c else '')" 2>/dev/null); \
-	if [ -n "$$arch" ] && command -v nvcc >/dev/null 2>&1; then export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=$$arch PIP_NO_CACHE_DIR=1; echo "building CUDA ops for sm_$$arch"; fi;
+	if [ -n "$$arch" ] && command -v nvcc >/dev/null 2>&1; then export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=$$arch PIP_NO_CACHE_DIR=1 LDFLAGS="$$LDFLAGS -Wl,--no-as-needed -l:libstdc++.so.6 -Wl,--as-needed"; echo "building CUDA ops for sm_$$arch"; fi;
 CHECK_MMCV_CUDA = $(BIN)/python -c "import torch, mmcv.ops as o; v = o.get_compiling_cuda_version(); assert not torch.cuda.is_available() or v != 'not available', 'mmcv has no CUDA ops on this GPU machine: make clean-venv setup'; print('mmcv ops: CUDA', v)"
 
 # Order matters (see DEVELOPERS.md): torch with the triple '=' so the CUDA build wins

@@ -92,6 +92,7 @@ class D2MaskRCNNConfig(AdapterConfig):
     score_thresh_test: float = Field(0.05, ge=0, le=1)    # MODEL.ROI_HEADS.SCORE_THRESH_TEST
     nms_thresh_test: float = Field(0.5, gt=0, le=1)       # MODEL.ROI_HEADS.NMS_THRESH_TEST
     detections_per_image: int = Field(1000, ge=1)         # TEST.DETECTIONS_PER_IMAGE
+    predict_batch_size: int = Field(1, ge=1)              # images per inference call (1: per-image latency)
     # ---- input ------------------------------------------------------------
     # BGR, 0..255 (the input policy's [0, 1] x 255); None: mean / std of the training images as the
     # network sees them (pixel_std 1.0 with MSRA .pkl weights)
@@ -384,7 +385,8 @@ class Detectron2MaskRCNN(TrainableAdapter):
         "amp": "SOLVER.AMP.ENABLED (AMPTrainer)",
         "augment": "INPUT.MIN_SIZE_TRAIN / INPUT.RANDOM_FLIP (+ vertical flip, brightness, contrast)",
         "eval_every": "validation hook", "log_every": "log hook period",
-        "grad_clip": "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "num_workers": "DATALOADER.NUM_WORKERS"}
+        "grad_clip": "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "num_workers": "DATALOADER.NUM_WORKERS",
+        "predict_batch_size": "images per GeneralizedRCNN([...]) call"}
 
     def __init__(self, cfg: AdapterConfig, classes: Sequence[str], device: str = "cpu"):
         super().__init__(cfg, classes, device)
@@ -491,14 +493,17 @@ class Detectron2MaskRCNN(TrainableAdapter):
                   if d2.INPUT.MIN_SIZE_TEST > 0 else None)
         self.model.eval()
         out = []
+        batch = self.cfg.predict_batch_size  # type: ignore[attr-defined]
         with torch.inference_mode():
-            for s in samples:
-                img = self._network_input(s.image)
-                h, w = img.shape[:2]
-                x = resize.get_transform(img).apply_image(img) if resize is not None else img
-                t = torch.as_tensor(np.ascontiguousarray(x.transpose(2, 0, 1)))
-                res = self.model([{"image": t, "height": h, "width": w}])[0]["instances"].to("cpu")
-                out.append(self._to_instances(res, h, w))
+            for start in range(0, len(samples), batch):
+                inputs = []
+                for s in samples[start:start + batch]:
+                    img = self._network_input(s.image)
+                    x = resize.get_transform(img).apply_image(img) if resize is not None else img
+                    inputs.append({"image": torch.as_tensor(np.ascontiguousarray(x.transpose(2, 0, 1))),
+                                   "height": img.shape[0], "width": img.shape[1]})
+                for d, r in zip(inputs, self.model(inputs)):
+                    out.append(self._to_instances(r["instances"].to("cpu"), d["height"], d["width"]))
         return out
 
     @staticmethod

@@ -163,7 +163,8 @@ class CascadeMaskRCNNAdapter(TrainableAdapter):
         "warmup_iters": "param_scheduler LinearLR.end", "amp": "optim_wrapper.type AmpOptimWrapper",
         "augment": "train pipeline RandomFlip", "eval_every": "cellbench hook (validation curve)",
         "log_every": "default_hooks.logger.interval", "grad_clip": "optim_wrapper.clip_grad.max_norm",
-        "num_workers": "train_dataloader.num_workers"}
+        "num_workers": "train_dataloader.num_workers",
+        "predict_batch_size": "images per model.test_step(pseudo_collate([...]))"}
 
     def __init__(self, cfg: AdapterConfig, classes: Sequence[str], device: str = "cpu"):
         super().__init__(cfg, classes, device)

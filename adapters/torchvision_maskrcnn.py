@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
+from pydantic import Field
 
 from bench.adapters.base import AdapterConfig, Capabilities, FitContext, check_weights_file
 from bench.adapters.registry import register
@@ -38,6 +39,7 @@ class TorchvisionMaskRCNNConfig(AdapterConfig):
     rpn_nms_thresh: float = 0.7
     box_batch_size_per_image: int = 512
     detections_per_image: int = 1000
+    predict_batch_size: int = Field(1, ge=1)
     # Kaggle mAP counts every returned mask, so detectors return confident ones (Detectron2's demo
     # value); COCO AP is computed on the same set. `bench tune` fits per-class thresholds on top.
     box_score_thresh: float = 0.5
@@ -115,7 +117,8 @@ class TorchvisionMaskRCNN(TrainableAdapter):
                       "lr_gamma": "step decay factor", "warmup_iters": "linear warm-up", "amp": "torch.autocast",
                       "augment": "flips, brightness/contrast, MaskRCNN.transform.min_size",
                       "eval_every": "validation hook", "log_every": "log interval", "grad_clip": "clip_grad_norm_",
-                      "num_workers": "torch DataLoader num_workers"}
+                      "num_workers": "torch DataLoader num_workers",
+                      "predict_batch_size": "images per model([...]) call"}
 
     def __init__(self, cfg, classes, device="cpu"):
         super().__init__(cfg, classes, device)
@@ -259,9 +262,10 @@ class TorchvisionMaskRCNN(TrainableAdapter):
         self.model.transform.min_size = (c.min_size,)
         out = []
         with torch.inference_mode():
-            for s in samples:
-                r = self.model([self._tensor(s.image).to(self.device)])[0]
-                out.append(self._to_instances(r, s.height, s.width, c.mask_threshold))
+            for start in range(0, len(samples), c.predict_batch_size):
+                chunk = samples[start:start + c.predict_batch_size]
+                results = self.model([self._tensor(s.image).to(self.device) for s in chunk])
+                out += [self._to_instances(r, s.height, s.width, c.mask_threshold) for s, r in zip(chunk, results)]
         return out
 
     @staticmethod

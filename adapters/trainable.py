@@ -54,6 +54,8 @@ VOCABULARY: dict[str, str] = {
     "log_every": "training-log record every N iterations",
     "grad_clip": "max gradient norm (None: off)",
     "num_workers": "data-loader worker processes",
+    "predict_batch_size": "images per inference call (1, the default, times per-image latency; more "
+                          "batches where the framework does)",
 }
 
 

@@ -6,6 +6,8 @@ B. scoring, csv in -> Kaggle score out, vs a pycocotools-IoU pipeline and vs
    ``cellpose.metrics.average_precision`` on label images;
 C. peak RSS and time of the full evaluator (Kaggle + COCO AP + bootstrap CIs) on 600 images,
    in a subprocess;
+E. ``bench eval`` as a whole process (all metrics, CIs) vs a whole process painting label images
+   and calling ``cellpose.metrics.average_precision`` (``--only-e`` runs this section alone);
 D. harness overhead (:mod:`bench.overhead`): training s/iter and inference ms/img of every
    trainable adapter through cellbench vs the framework's own loop and predictor, on tiny
    synthetic data (written to results/bench/overhead.json).
@@ -229,7 +231,7 @@ def section_b(csv_path: Path, rows: list, workdir: Path) -> tuple[Path, object]:
         g = read_sartorius(csv_path, require_images=False)
         p = read_submission(sub, {s.image_id: (s.height, s.width) for s in g}, g.classes)
         gtd = {s.image_id: (s.instances, s.cell_type(g.classes)) for s in g}
-        return evaluate_predictions(gtd, p, g.classes, with_coco=False)
+        return evaluate_predictions(gtd, p, g.classes, with_coco=False, with_cell=False)  # Kaggle only, as the peers
 
     best, res = best_of(2, ours)
     print(f"cellbench (read gt + read submission + Kaggle mAP)  {best:7.2f} s   mAP {res['kaggle_map']:.6f}")
@@ -377,6 +379,57 @@ def child_score() -> None:
                       "n_resamples": ev.n_resamples, "maxrss_mb": rss_kb / 1024, "vmhwm_mb": _vm("VmHWM")}))
 
 
+def _timed_process(cmd: list[str]) -> tuple[float, float, str]:
+    """(wall s, CPU s of the child, stdout) of one whole process."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+    out = proc.stdout.read().decode()
+    _, status, ru = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{out[-1500:]}")
+    return wall, ru.ru_utime + ru.ru_stime, out
+
+
+def section_e(csv_path: Path, sub: Path, rows: list, workdir: Path, reps: int = 3) -> None:
+    """``bench eval`` (Kaggle + COCO AP + F1/PQ/AJI/mean IoU + taxonomy + 2000-resample CIs) as a
+    whole process vs a whole process that paints label images and calls
+    ``cellpose.metrics.average_precision`` (the Kaggle-style number only), alternately."""
+    print("\n== E. bench eval vs label images + cellpose.metrics.average_precision, whole processes (56 images) ==")
+    try:
+        import cellpose.metrics  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        print(f"cellpose not importable ({type(e).__name__}: {e}): section E skipped")
+        rows.append(("E bench eval vs cellpose process", "skipped", ">= 5x", None))
+        return
+    ours_cmd = [sys.executable, "-m", "bench", "eval", "--gt", str(csv_path), "--pred", str(sub), "--json",
+                str(workdir / "eval.json")]
+    peer_cmd = [sys.executable, "-m", "bench.benchmarks", "--child-cellpose", str(csv_path), str(sub)]
+    ours, peer = [], []
+    for _ in range(reps):   # alternately, so that a load change hits both
+        ours.append(_timed_process(ours_cmd)[:2])
+        peer.append(_timed_process(peer_cmd)[:2])
+    (ow, oc), (pw, pc) = min(ours), min(peer)
+    res = json.loads((workdir / "eval.json").read_text())
+    print(f"bench eval process           wall {ow:6.2f} s  CPU {oc:6.2f} s  (best of {reps}; Kaggle mAP "
+          f"{res['kaggle_map']:.4f}, COCO AP {res['coco']['AP']:.4f}, F1 {res['cell']['f1_50']:.4f}, "
+          f"PQ {res['cell']['pq']:.4f}, AJI {res['cell']['aji']:.4f}, {res['bootstrap']['n_resamples']} resamples)")
+    print(f"label images + cellpose      wall {pw:6.2f} s  CPU {pc:6.2f} s  (best of {reps}; imports cellpose, "
+          "compiles its numba overlap, Kaggle-style mAP only)")
+    print(f"ratio: wall {pw / ow:.1f}x, CPU {pc / oc:.1f}x; every repetition (wall, CPU): ours "
+          f"{[(round(a, 2), round(b, 2)) for a, b in ours]}, cellpose {[(round(a, 2), round(b, 2)) for a, b in peer]}")
+    rows.append(("E bench eval process (all metrics + CIs)", f"{ow:.2f} s", "", None))
+    rows.append(("E speed-up vs label images + cellpose process", f"{pw / ow:.1f}x", ">= 5x", pw / ow >= 5))
+
+
+def child_cellpose(gt_csv: str, sub_csv: str) -> None:
+    """Section E's peer, as a whole process: label images from the csv runs + cellpose's AP."""
+    m, _ = baseline_cellpose_score(Path(gt_csv), Path(sub_csv))
+    print(f"{m:.6f}")
+
+
 def data_sections(rows: list) -> None:
     """A-C: need the real annotations and pycocotools."""
     shared = shared_data()
@@ -396,6 +449,7 @@ def data_sections(rows: list) -> None:
             section_a(csv_path, rows)
             sub, _ = section_b(csv_path, rows, work)
             section_c(csv_path, sub, rows, work, child)
+            section_e(csv_path, sub, rows, work)
     finally:
         if child[0].returncode is None:
             finish_child(child, None)
@@ -414,6 +468,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--child-score"]:
         child_score()
+        return 0
+    if argv[:1] == ["--child-cellpose"]:
+        child_cellpose(*argv[1:3])
+        return 0
+    if argv[:1] == ["--only-e"]:   # section E alone (python -m bench.benchmarks --only-e)
+        rows: list = []
+        shared = shared_data()
+        with tempfile.TemporaryDirectory(prefix="cellbench-bench-") as tmp:
+            from bench.data.io import read_sartorius
+            from bench.data.predictions import write_submission
+
+            ds = read_sartorius(shared / REL, require_images=False)
+            sub = Path(tmp) / "submission.csv"
+            write_submission(sub, perturbed_predictions(ds), ds.classes)
+            section_e(shared / REL, sub, rows, Path(tmp))
         return 0
     import argparse
 

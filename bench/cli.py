@@ -187,8 +187,17 @@ def eval_cmd(gt: Path = typer.Option(..., "--gt", help="Sartorius folder or trai
              class_aware: bool = typer.Option(False, "--class-aware",
                                               help="COCO AP per predicted class (useCats=1) instead of "
                                                    "class-agnostic (LIVECell's way, the default)."),
-             seed: int = typer.Option(0, "--seed", help="Bootstrap seed.")):
-    """Score predictions: Kaggle mAP (exact), COCO AP, per class and threshold, 95% CIs.
+             seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+             cluster: str = typer.Option("auto", "--cluster", help="Bootstrap unit: auto (groups of images of "
+                                                                  "one sample/well when there are such groups, "
+                                                                  "else images), none (images), or an image "
+                                                                  "attribute, e.g. sample_id (every image must "
+                                                                  "have it)."),
+             remove_boundary_cells: bool = typer.Option(False, "--remove-boundary-cells",
+                                                        help="Also report F1 with NeurIPS-CellSeg's removal "
+                                                             "of cells touching the image's 2-pixel border.")):
+    """Score predictions: Kaggle mAP (exact), COCO AP, F1/PQ/AJI/mean matched IoU, per class and
+    threshold, the error taxonomy, 95% CIs (clustered by sample/well where images come in groups).
 
     Prediction ids are matched to the ground truth by image id, else by file name, else by file
     stem (one key for the whole file; the one used is printed and written to --json)."""
@@ -203,8 +212,12 @@ def eval_cmd(gt: Path = typer.Option(..., "--gt", help="Sartorius folder or trai
         ds = load_dataset(gt, require_images=False)
         preds, matched_by = load_predictions_for(pred, ds, ds.classes)
         gtd = {s.image_id: (s.instances, s.cell_type(ds.classes)) for s in ds}
+        from bench.metrics.resample import cluster_option
+
+        groups, attr = cluster_option(ds, cluster)
         res = evaluate_predictions(gtd, preds, ds.classes, resolve_overlaps=resolve_overlaps, max_dets=max_dets,
-                                   class_aware_coco=class_aware, seed=seed)
+                                   class_aware_coco=class_aware, seed=seed, groups=groups, cluster=attr,
+                                   remove_boundary_cells=remove_boundary_cells)
     except (DataError, OSError, ValueError) as e:
         _fail(e)
     res["matched_by"] = matched_by
@@ -313,3 +326,4 @@ def report_cmd(runs: Optional[list[Path]] = typer.Argument(None, help="Run folde
 
 
 from bench import cli_extra, cli_sweep  # noqa: E402,F401  (register tune/predict/submit and sweep)
+from bench import cli_matches  # noqa: E402,F401  (register matches)

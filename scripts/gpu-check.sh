@@ -31,6 +31,12 @@ arch=$($PY -c "import torch; assert torch.cuda.is_available(); print('%d.%d' % t
 command -v nvcc >/dev/null || die "nvcc is not on PATH (the CUDA ops need CUDA's compiler)"
 export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 cores=${MAX_JOBS:-$(nproc)}
+# Link the C++ runtime dynamically, by its soname. Without this, the first lent GPU machine linked
+# pieces of libstdc++.a into mmcv's _ext.so (no libstdc++ among its NEEDED libraries; std::locale
+# defined inside it), and the first std::ostringstream in it crashed the process (SIGSEGV in
+# get_compiling_cuda_version). Two C++ runtimes in one process is the bug, whatever pulled the
+# static one in; naming the shared one first leaves nothing for the archive to supply.
+export LDFLAGS="${LDFLAGS:-} -Wl,--no-as-needed -l:libstdc++.so.6 -Wl,--as-needed"
 
 install_pure() {
     log "installing wheels from $WHEELS"
@@ -52,6 +58,26 @@ build_wheel() {  # name source jobs
     fi
     $PY -m pip install -q --no-deps --force-reinstall "$have" || die "$name install"
     log "$name installed from $(basename "$have")"
+    check_cxx_runtime "$have" || die "$name: its extension carries its own copy of libstdc++ (rebuild it)"
+}
+
+# an extension must take the C++ runtime from libstdc++.so.6, like torch, not carry its own copy
+check_cxx_runtime() {  # wheel
+    local tmp so ok=0
+    tmp=$(mktemp -d)
+    (cd "$tmp" && $PY -m zipfile -e "$1" . >/dev/null)
+    for so in $(find "$tmp" -name '_ext*.so' -o -name '_C*.so'); do
+        if readelf -d "$so" | grep -q 'NEEDED.*libstdc++'; then log "  $(basename "$so"): links libstdc++.so.6"
+        else log "  $(basename "$so"): libstdc++ NOT among its needed libraries"; ok=1; fi
+    done
+    rm -rf "$tmp"
+    return $ok
+}
+
+toolchain_report() {
+    log "toolchain: $(g++ --version | head -1); nvcc $(nvcc --version | grep -o 'release [0-9.]*')"
+    log "  g++ -print-file-name=libstdc++.so: $(g++ -print-file-name=libstdc++.so) ($(readlink -f "$(g++ -print-file-name=libstdc++.so)"))"
+    log "  LDSHARED: $($PY -c 'import sysconfig; print(sysconfig.get_config_var("LDSHARED"))'); LDFLAGS:$LDFLAGS"
 }
 
 verify_cuda_ops() {
@@ -79,6 +105,7 @@ EOF
 }
 
 if [[ $phase == build || $phase == all ]]; then
+    toolchain_report
     install_pure
     build_wheel mmcv "$WHEELS/mmcv-2.1.0.tar.gz" $(( cores * 3 / 4 > 1 ? cores * 3 / 4 : 1 )) &
     p1=$!
@@ -95,7 +122,8 @@ if [[ $phase == check || $phase == all ]]; then
     $PY -c "import mmcv, cellpose, bench" 2>/dev/null || { install_pure; build_wheel mmcv "$WHEELS/mmcv-2.1.0.tar.gz" "$cores";
         [[ -n "$D2_SRC" ]] && build_wheel detectron2 "$D2_SRC" "$cores"; }
     log "imports, each in its own process (a crashing extension is named, with its Python stack)"
-    for m in cv2 torch.cuda mmcv mmcv.ops mmdet.models detectron2._C detectron2.modeling cellpose.models; do
+    [[ ${PROBE_IMPORTS:-1} == 0 ]] && log "  (skipped: PROBE_IMPORTS=0)"
+    [[ ${PROBE_IMPORTS:-1} == 0 ]] || for m in cv2 torch.cuda mmcv mmcv.ops mmdet.models detectron2._C detectron2.modeling cellpose.models; do
         if $PY -X faulthandler -c "import $m" > "$WORK/import.log" 2>&1; then log "  import $m: ok"
         else log "  import $m: FAILED"; grep -v "^Extension modules" "$WORK/import.log" | head -25 | tee -a "$WORK/steps.log"; fi
     done
@@ -109,5 +137,11 @@ if [[ $phase == check || $phase == all ]]; then
         --device cuda --timeout ${MODEL_TIMEOUT:-150} --out "$WORK/run" > "$WORK/bench-run.log" 2>&1
     log "bench run exit $?"
     $PY -m bench.gpu_figures "$WORK/run" --out "$WORK/gpu-figures" | tee -a "$WORK/steps.log"
+    if [[ ${OVERHEAD:-0} != 0 ]]; then
+        log "harness overhead on cuda (python -m bench.overhead, limit ${OVERHEAD_TIMEOUT:-240} s)"
+        timeout "${OVERHEAD_TIMEOUT:-240}" $PY -m bench.overhead --device cuda --threads 0 --reps "${OVERHEAD_REPS:-3}" \
+            --out "$WORK/overhead-cuda.json" > "$WORK/overhead-cuda.log" 2>&1
+        log "overhead exit $?"; tail -15 "$WORK/overhead-cuda.log" | tee -a "$WORK/steps.log"
+    fi
 fi
 log "done"

@@ -289,6 +289,11 @@ def test_fit_predict_save_load(tiny, tmp_path):
         assert len(a) == len(b)
         assert np.array_equal(a.scores, b.scores) and np.array_equal(a.classes, b.classes)
         assert all(np.array_equal(x, y) for x, y in zip(a.counts, b.counts))
+    # batched inference (one GeneralizedRCNN call for all images) returns what image-by-image does
+    fresh.cfg = fresh.cfg.model_copy(update={"predict_batch_size": len(val)})
+    for a, b in zip(preds, fresh.predict(val)):
+        assert len(a) == len(b) and np.array_equal(a.classes, b.classes)
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-4, atol=1e-5)
 
     # a local weights file to start from (here: the model just saved), never downloaded
     tuned = build("maskrcnn", tiny.classes, preset="smoke")

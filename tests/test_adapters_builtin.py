@@ -49,6 +49,11 @@ def test_maskrcnn_tv_trains_predicts_saves_loads(tiny_synth, tmp_path):
         np.testing.assert_array_equal(p.scores, q.scores)
         for c1, c2 in zip(p.counts, q.counts):
             np.testing.assert_array_equal(c1, c2)
+    # batched inference (one model([...]) call for both images) returns what image-by-image does
+    b.cfg = b.cfg.model_copy(update={"predict_batch_size": 2})
+    for p, q in zip(preds, b.predict(val)):
+        assert len(p) == len(q)
+        np.testing.assert_allclose(p.scores, q.scores, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("opts", [{"optimizer": "adam", "augment": "extra", "min_size_train": [112, 128]},

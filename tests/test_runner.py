@@ -97,6 +97,30 @@ def test_model_specs_parse():
                                                                         {"diam_mean": 20, "weights": "a.pt"})
 
 
+def test_batched_prediction_times_each_call_and_keeps_the_predictions(tmp_path, tiny_synth):
+    """predict_batch_size N: the worker hands N images per call (the warm-up still one), every image
+    gets 1/N of its call's time, predictions are those of image-by-image prediction."""
+    from bench.data.predictions import read_predictions
+    from bench.store import RunDir
+
+    counters = tmp_path / "counters"
+    counters.mkdir()
+    run_dir, out = _run(tmp_path, ["fake", f"fake:predict_batch_size=3,counter_dir={counters}"], tiny_synth)
+    assert [o.state for o in out] == ["done", "done"]
+    run = RunDir(run_dir)
+    one, three = (run.model(o.label) for o in out)
+    calls = [int(n) for n in (counters / "predict_calls.txt").read_text().split()]
+    n_val = one.read_predict_done().images
+    warm = three.read_predict_done().warmup_images
+    assert calls == [1] * warm + [3] * (n_val // 3) + ([n_val % 3] if n_val % 3 else [])
+    assert three.read_predict_done().extra == {"predict_batch_size": 3}
+    p1, _ = read_predictions(one.predictions)
+    p3, _ = read_predictions(three.predictions)
+    assert p1.keys() == p3.keys()
+    for k in p1:
+        assert [list(c) for c in p1[k].counts] == [list(c) for c in p3[k].counts]
+
+
 def test_report_from_a_run(tmp_path, tiny_synth):
     from bench.report.leaderboard import write_report
 

@@ -21,6 +21,7 @@ implementation on real annotations):
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,7 +92,19 @@ def _assign(M: np.ndarray, th: float) -> tuple[np.ndarray, np.ndarray]:
     full matching of the complete bipartite graph (weights shifted by 1 so that every pair is an
     edge and the matching has min(rows, cols) pairs, as linear_sum_assignment's): the same
     optimum, and scipy.optimize (0.5 s to import) is not needed."""
-    w = 1.0 + (M >= th).astype(float) + M / (2 * max(min(M.shape), 1))
+    g, p = M.shape
+    w = 1.0 + (M >= th).astype(float) + M / (2 * max(min(g, p), 1))
+    if min(g, p) == 1:        # a star (one cell, several predictions or the reverse): the best pair
+        k = int(np.argmax(w))
+        return np.array([k // p]), np.array([k % p])
+    if g <= 3 and p <= 3:     # small: every matching (at most 6)
+        best, pick = -1.0, None
+        for perm in itertools.permutations(range(max(g, p)), min(g, p)):
+            r, c = (np.arange(g), np.array(perm)) if g <= p else (np.array(perm), np.arange(p))
+            v = w[r, c].sum()
+            if v > best + 1e-15:
+                best, pick = v, (r, c)
+        return pick
     r, c = min_weight_full_bipartite_matching(sp.csr_matrix(w), maximize=True)
     return r, c
 

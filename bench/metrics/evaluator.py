@@ -33,10 +33,11 @@ class InstanceSegEvaluator:
     def __init__(self, classes: Sequence[str], max_dets: int = 1000, resolve_overlaps: bool = False,
                  class_aware_coco: bool = False, n_resamples: int = N_RESAMPLES, seed: int = 0,
                  with_coco: bool = True, groups: dict[str, str] | None = None, cluster: str | None = None,
-                 remove_boundary_cells: bool = False, taxonomy_iou: float = 0.5):
+                 remove_boundary_cells: bool = False, taxonomy_iou: float = 0.5, with_cell: bool = True):
         """``groups`` (image id -> group) makes the bootstrap resample groups (clustered) when some
         group holds several images; ``cluster`` names the attribute they come from (for the report).
-        ``remove_boundary_cells``: also report F1 with NeurIPS-CellSeg's boundary-cell removal."""
+        ``remove_boundary_cells``: also report F1 with NeurIPS-CellSeg's boundary-cell removal.
+        ``with_cell=False`` leaves out F1/PQ/AJI, the taxonomy and the match table (Kaggle-only timing)."""
         check_max_dets(max_dets)
         if isinstance(n_resamples, bool) or not isinstance(n_resamples, (int, np.integer)) or n_resamples < 1:
             raise ValueError(f"n_resamples must be an integer >= 1, got {n_resamples!r}")
@@ -49,6 +50,7 @@ class InstanceSegEvaluator:
         self.groups, self.cluster = groups, cluster
         self.remove_boundary_cells = remove_boundary_cells
         self.taxonomy_iou = taxonomy_iou
+        self.with_cell = with_cell
         self.reset()
 
     def reset(self) -> None:
@@ -75,8 +77,9 @@ class InstanceSegEvaluator:
         ov = overlaps_disjoint_pred(gt.counts, pred.counts, gt.height, gt.width, gt.runs(), pred.runs())
         self._scores[image_id] = kaggle.match_counts(ov.gt_idx, ov.pred_idx, ov.iou, len(gt), len(pred))
         self._class_of[image_id] = cell_type or _majority_class(gt, self.classes)
-        self._matches[image_id] = image_matches(image_id, gt, pred, kept, self._class_of[image_id], ov)
-        self._cell[image_id] = self._cell_scores(gt, pred, ov)
+        if self.with_cell:
+            self._matches[image_id] = image_matches(image_id, gt, pred, kept, self._class_of[image_id], ov)
+            self._cell[image_id] = self._cell_scores(gt, pred, ov)
         if self.with_coco:
             self._pairs.append((image_id, gt, pred))
 
@@ -115,6 +118,8 @@ class InstanceSegEvaluator:
             "kaggle_map_ci95": list(mean_ci(vals, W)),
             "bootstrap": {"unit": rs.unit, "n_resamples": len(W), "n_groups": rs.n_groups, "level": 0.95,
                           "seed": self.seed},
+            # image -> group when groups were resampled (the report's paired tests resample them too)
+            "image_group": {i: self.groups[i] for i in ids} if rs.unit != "images" else {},
             "per_threshold": {f"{t:.2f}": float(prec[:, k].mean()) for k, t in enumerate(kaggle.THRESHOLDS)},
             "counts_per_threshold": {f"{t:.2f}": {"tp": int(tp[k]), "fp": int(fp[k]), "fn": int(fn[k])}
                                      for k, t in enumerate(kaggle.THRESHOLDS)},
@@ -127,10 +132,11 @@ class InstanceSegEvaluator:
         out["per_class"] = {c: float(vals[pos].mean()) for c, pos in sorted(by_cls.items())}
         out["per_class_ci95"] = {c: list(mean_ci(vals[pos], W[:, pos])) for c, pos in sorted(by_cls.items())}
         out["per_class_n_images"] = {c: len(v) for c, v in sorted(by_cls.items())}
-        out.update(self._cell_metrics(ids, W))
-        from bench.metrics.taxonomy import taxonomy
+        if self.with_cell:
+            from bench.metrics.taxonomy import taxonomy
 
-        out["taxonomy"] = taxonomy([self._matches[i] for i in ids], self.taxonomy_iou)
+            out.update(self._cell_metrics(ids, W))
+            out["taxonomy"] = taxonomy([self._matches[i] for i in ids], self.taxonomy_iou)
         if self.with_coco:
             out["coco"] = self._coco(W)
         return out
@@ -154,7 +160,7 @@ class InstanceSegEvaluator:
             v = np.array([c.f1_boundary_removed for c in cs], float)
             cell["f1_50_boundary_removed"] = float(v.mean())
             cell["f1_50_boundary_removed_ci95"] = list(mean_ci(v, W))
-        cell["f1_boundary_cells"] = "removed too (NeurIPS-CellSeg)" if self.remove_boundary_cells else "kept"
+        cell["f1_boundary_cells"] = "kept (also reported removed)" if self.remove_boundary_cells else "kept"
         per_image = {i: {"f1_50": c.f1, "pq": c.pq, "aji": c.aji, "tp50": c.tp50} for i, c in zip(ids, cs)}
         return {"cell": cell, "per_image_cell": per_image}
 

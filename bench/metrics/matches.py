@@ -13,6 +13,8 @@ Stable API (the HTML report and ``bench matches`` use only this)::
     t.pairs["iou"]                           # every overlapping gt/pred pair (for the taxonomy's fixes)
     t.image_ids(); t.for_image("abc"); t.rows("gt")   # a list of dicts per row
     MatchTable.concat([t1, t2])              # several models in one table (the ``model`` column)
+    a, b = paired_tables(run_a, "cellpose", run_b, "maskrcnn")   # DataError naming both split hashes
+                                             # when the two were scored on different splits
 
 Instance table (``matches.csv.gz``), one row per instance:
 
@@ -42,7 +44,8 @@ threshold     float  the IoU threshold ``match`` and ``outcome`` were computed a
 Pair table (``match_pairs.csv.gz``): ``model, image_id, gt, pred, inter, iou``, one row per
 gt/pred pair sharing at least one pixel (``gt``/``pred`` as ``idx`` above).
 
-Predictions are taken as the metrics score them: overlaps resolved by score when the run
+An image with neither ground truth nor predictions has no rows (the Kaggle metric scores it 0;
+a taxonomy computed from the table leaves it out). Predictions are taken as the metrics score them: overlaps resolved by score when the run
 resolved them (``job.json``); a predicted mask that lost all its pixels to higher-scoring ones
 is not in the table. Outcomes (each instance exactly one, first that applies; t = threshold,
 tb = :data:`BACKGROUND_IOU`; "p lies in g" means more than half of p's pixels are in g):
@@ -132,7 +135,7 @@ def one_to_one(gi: np.ndarray, pj: np.ndarray, iou: np.ndarray, keep: np.ndarray
     With non-overlapping predictions and IoU > 0.5 every gt and prediction has at most one
     candidate and all are taken; otherwise (overlapping masks) the highest IoU goes first."""
     cand = np.flatnonzero(keep)
-    if len(np.unique(gi[cand])) == len(cand) and len(np.unique(pj[cand])) == len(cand):
+    if not len(cand) or (np.bincount(gi[cand]).max() <= 1 and np.bincount(pj[cand]).max() <= 1):
         return cand
     cand = cand[np.argsort(-iou[cand], kind="stable")]
     used_g, used_p, out = set(), set(), []
@@ -426,8 +429,8 @@ def images_for_predictions(gt: dict[str, tuple[Instances, str]], preds: dict[str
     return out
 
 
-def build_for_model(run_dir: Path, label: str, gt=None, classes=None) -> MatchTable:
-    """Compute one model's table from its stored predictions (no inference) and save it."""
+def build_for_model(run_dir: Path, label: str, gt=None, classes=None, save: bool = True) -> MatchTable:
+    """Compute one model's table from its stored predictions (no inference); save it unless not."""
     from bench.data.predictions import read_predictions
     from bench.store import RunDir
     from bench.tune import validation_ground_truth
@@ -444,21 +447,23 @@ def build_for_model(run_dir: Path, label: str, gt=None, classes=None) -> MatchTa
     if md.job.is_file():
         resolve = bool(md.read_job().resolve_overlaps)
     table = MatchTable.from_images(md.label, images_for_predictions(gt, preds, resolve), classes)
-    table.write(md.matches, md.match_pairs)
+    if save:
+        table.write(md.matches, md.match_pairs)
     return table
 
 
-def load_matches(run_dir: Path, label: str) -> MatchTable:
-    """A model's match table: read from its folder, else computed from its predictions and saved."""
+def load_matches(run_dir: Path, label: str, save: bool = True) -> MatchTable:
+    """A model's match table: read from its folder, else computed from its stored predictions (a
+    run of an older cellbench) and saved there (unless ``save=False``)."""
     from bench.store import RunDir
 
     md = RunDir(run_dir).resolve(label)
     if md.matches.is_file() and md.match_pairs.is_file():
         return MatchTable.read(md.matches, md.match_pairs)
-    return build_for_model(run_dir, md.label)
+    return build_for_model(run_dir, md.label, save=save)
 
 
-def load_run_matches(run_dir: Path, labels: Sequence[str] | None = None) -> MatchTable:
+def load_run_matches(run_dir: Path, labels: Sequence[str] | None = None, save: bool = True) -> MatchTable:
     """Every model of a run with predictions (or ``labels``), concatenated; the ground truth is
     read once for the models whose table must be computed."""
     from bench.store import RunDir
@@ -477,5 +482,19 @@ def load_run_matches(run_dir: Path, labels: Sequence[str] | None = None) -> Matc
             continue
         if gt is None:
             gt, classes = validation_ground_truth(run.path, run.read_manifest())
-        tables.append(build_for_model(run.path, md.label, gt, classes))
+        tables.append(build_for_model(run.path, md.label, gt, classes, save=save))
     return MatchTable.concat(tables)
+
+
+def paired_tables(run_a: Path, model_a: str, run_b: Path, model_b: str) -> tuple[MatchTable, MatchTable]:
+    """Two models' tables for a side-by-side comparison (the report's pair view): only models
+    scored on the same validation split are comparable; otherwise an error naming both split hashes."""
+    from bench.store import RunDir
+
+    ha, hb = RunDir(run_a).read_manifest().split_hash, RunDir(run_b).read_manifest().split_hash
+    if ha != hb:
+        raise DataError(f"{model_a} vs {model_b}", f"trained and scored on different splits ({model_a}: split "
+                                                   f"{ha or 'unknown'} in {run_a}; {model_b}: split "
+                                                   f"{hb or 'unknown'} in {run_b}); a pair view needs the same "
+                                                   "validation images")
+    return load_matches(run_a, model_a), load_matches(run_b, model_b)

@@ -71,6 +71,32 @@ def groups_from_meta(samples, attr: str) -> dict[str, str]:
     return out
 
 
+def cluster_option(samples, cluster: str) -> tuple[dict[str, str] | None, str | None]:
+    """``--cluster``: "auto" (sample/well groups, used when some group has several images),
+    "none" (images), or an attribute every image must have."""
+    if cluster == "none":
+        return None, None
+    if cluster == "auto":
+        return {s.image_id: s.group for s in samples}, "sample_id/well"
+    return groups_from_meta(samples, cluster), cluster
+
+
+def paired_clustered(a: dict[str, float], b: dict[str, float], groups: dict[str, str],
+                     n_resamples: int = N_RESAMPLES, seed: int = 0):
+    """:func:`bench.metrics.bootstrap.paired_bootstrap` with whole groups of images resampled
+    (the images both models were scored on; an image without a group is its own group)."""
+    from bench.metrics.bootstrap import PairedTest, _p_greater
+
+    ids = sorted(set(a) & set(b))
+    if not ids:
+        raise ValueError("no images in common between the two prediction sets")
+    d = np.array([a[i] - b[i] for i in ids])
+    W = cluster_weights([groups.get(i, f"image:{i}") for i in ids], n_resamples, seed)
+    means = (W @ d) / W.sum(1)
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    return PairedTest(float(d.mean()), (float(lo), float(hi)), _p_greater(means), len(ids))
+
+
 def quantile_ci(vals: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     v = np.asarray(vals, float)
     v = v[np.isfinite(v)]
@@ -106,7 +132,6 @@ def _runs(tp: np.ndarray, counted: np.ndarray, det_image: np.ndarray, n_images: 
     matrices: TPs in each run, and detections counted (TP or FP) since the previous run's end."""
     import scipy.sparse as sp
 
-    D = len(tp)
     nxt = np.r_[tp[1:], False]
     ends = np.flatnonzero(tp & ~nxt)
     E = len(ends)
@@ -118,7 +143,6 @@ def _runs(tp: np.ndarray, counted: np.ndarray, det_image: np.ndarray, n_images: 
     seg = np.searchsorted(ends, c, side="left")        # the run end each counted detection precedes
     ok = seg < E
     G = sp.csr_matrix((np.ones(int(ok.sum())), (seg[ok], det_image[c[ok]])), shape=(E, n_images))
-    del D
     return S, G
 
 
@@ -149,7 +173,7 @@ def _running(a: np.ndarray, op) -> np.ndarray:
     return a
 
 
-def weighted_ap_many(mt, W: np.ndarray, max_cells: int = 4_000_000) -> np.ndarray:
+def weighted_ap_many(mt, W: np.ndarray, max_cells: int = 1_000_000) -> np.ndarray:
     """(B x T) per-threshold COCO AP for every row of image weights W (B x n_images).
 
     Equal to :func:`bench.metrics.coco.weighted_ap` row by row (pycocotools' accumulate; the

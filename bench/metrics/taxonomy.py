@@ -37,10 +37,6 @@ FIXES = ERRORS + ("inexact_boundary",)
 Scene = tuple[np.ndarray, np.ndarray, np.ndarray, int, int]   # gi, pj, iou, n_gt, n_pred
 
 
-def _scene(im: ImageMatches) -> Scene:
-    return im.gi, im.pj, im.iou, im.n_gt, im.n_pred
-
-
 def _drop(im: ImageMatches, drop_g: np.ndarray, drop_p: np.ndarray) -> Scene:
     """Remove instances (boolean masks), renumber the rest."""
     kg, kp = ~drop_g, ~drop_p

@@ -79,6 +79,9 @@ def aggregate(rows: list[dict]) -> list[dict]:
             "device": ms[0].get("device") or done[0]["manifest"].get("device"),
             "runs": done,
         }
+        from bench.report.cellreport import cell_fields
+
+        row.update(cell_fields(done))  # F1/PQ/AJI/mean matched IoU, bootstrap unit, taxonomy
         tunings = [r["tuning"] for r in done if "tuning" in r]
         if tunings:
             row["tuned_in_sample"] = _mean([x["tuned_in_sample"] for x in tunings])
@@ -103,10 +106,23 @@ def _paired_vs_best(rows: list[dict]) -> None:
         if pair is None:
             r["vs_best"] = "n/a (no common run)"
             continue
-        test = paired_bootstrap(pair[0]["metrics"]["per_image"], pair[1]["metrics"]["per_image"],
-                                seed=pair[0]["metrics"].get("seed", 0))
+        groups = pair[0]["metrics"].get("image_group")
+        if groups:  # images of one sample/well resampled together, as for the CIs
+            from bench.metrics.resample import paired_clustered
+
+            test = paired_clustered(pair[0]["metrics"]["per_image"], pair[1]["metrics"]["per_image"], groups,
+                                    seed=pair[0]["metrics"].get("seed", 0))
+        else:
+            test = paired_bootstrap(pair[0]["metrics"]["per_image"], pair[1]["metrics"]["per_image"],
+                                    seed=pair[0]["metrics"].get("seed", 0))
         r["paired"] = test.as_dict()
         r["vs_best"] = "worse" if test.verdict == "worse" else "not distinguishable" if test.verdict != "better" else "better"
+
+
+def _units(rows: list[dict]) -> str:
+    """What the CIs resampled: images, or groups of them (sample/well: the clustered bootstrap)."""
+    u = sorted({(r.get("cell") or {}).get("bootstrap_unit", "images") for r in rows if r["state"] == "done"})
+    return ", ".join(u) or "images"
 
 
 def _mean(vals):
@@ -135,6 +151,7 @@ def _flat(r: dict, classes: list[str]) -> dict:
          "peak_rss_mb": r.get("peak_rss_mb"), "cuda_peak_mb": r.get("cuda_peak_mb"), "device": r.get("device")}
     for c in classes:
         d[f"map_{c}"] = (r.get("per_class") or {}).get(c)
+    d.update(r.get("cell") or {})
     return d
 
 
@@ -184,15 +201,18 @@ def write_report(run_dirs: list[Path], out: Path) -> list[Path]:
               + (f"Ran on another device than the run's (as their adapters declare): {', '.join(elsewhere)}.\n\n"
                  if elsewhere else "") +
               "Kaggle mAP: the competition metric (IoU > t, t = 0.50..0.95, mean over images), 95% bootstrap CI "
-              "over images. 'vs best': paired bootstrap on the same images (worse = the difference's 95% CI "
-              "excludes 0).\n\n")
-    md = header + markdown_table(rows, classes) + "\n\n" + "\n".join(
+              f"over {_units(rows)}. 'vs best': paired bootstrap on the same images, resampled the same way "
+              "(worse = the difference's 95% CI excludes 0).\n\n")
+    from bench.report import cellreport
+
+    extra_md = cellreport.cell_markdown(rows) + "\n" + cellreport.taxonomy_markdown(rows)
+    md = header + markdown_table(rows, classes) + "\n\n" + extra_md + "\n" + "\n".join(
         f"![{p.stem}]({p.name})" for p in pngs) + "\n"
     atomic_write_text(out / "leaderboard.md", md)
     written.append(out / "leaderboard.md")
 
     buf = io.StringIO()
-    cols = COLUMNS[:10] + [f"map_{c}" for c in classes] + COLUMNS[10:]
+    cols = COLUMNS[:10] + [f"map_{c}" for c in classes] + cellreport.CSV_COLUMNS + COLUMNS[10:]
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     w.writeheader()
     for r in rows:
@@ -200,7 +220,10 @@ def write_report(run_dirs: list[Path], out: Path) -> list[Path]:
     atomic_write_text(out / "leaderboard.csv", buf.getvalue())
     written.append(out / "leaderboard.csv")
 
-    atomic_write_text(out / "leaderboard.html", _html(header, rows, classes, pngs))
+    tax_csv = cellreport.write_taxonomy_csv(rows, out)
+    written += [tax_csv] if tax_csv else []
+
+    atomic_write_text(out / "leaderboard.html", _html(header, rows, classes, pngs, extra_md))
     written.append(out / "leaderboard.html")
     from bench.report.html import write_html_report  # the interactive report (report.html)
 
@@ -208,7 +231,7 @@ def write_report(run_dirs: list[Path], out: Path) -> list[Path]:
     return written
 
 
-def _html(header_md: str, rows: list[dict], classes: list[str], pngs: list[Path]) -> str:
+def _html(header_md: str, rows: list[dict], classes: list[str], pngs: list[Path], extra_md: str = "") -> str:
     import html
 
     cols = ["model", "Kaggle mAP", "95% CI", "COCO AP", "AP50", *classes, "vs best", "train s", "ms/img", "peak RSS MB"]
@@ -230,7 +253,8 @@ def _html(header_md: str, rows: list[dict], classes: list[str], pngs: list[Path]
             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
             "img{max-width:100%}</style></head><body><h1>cellbench leaderboard</h1>" + intro +
             "<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>" + "".join(trs) +
-            "</table>" + imgs + "</body></html>")
+            "</table>" + (f"<pre>{html.escape(extra_md)}</pre>" if extra_md.strip() else "") + imgs +
+            "</body></html>")
 
 
 

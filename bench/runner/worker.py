@@ -179,14 +179,18 @@ def main(model_dir: Path) -> int:
 
             torch.cuda.reset_peak_memory_stats(torch.device(device))
         bar = Progress(f"{job.label} predict")
+        # 1 (the default) times each image alone; a larger predict_batch_size times each call and
+        # gives each of its images an equal share
+        batch = int(getattr(adapter.cfg, "predict_batch_size", 1) or 1)
         preds, times = {}, []
-        for k, s in enumerate(samples):
+        for start in range(0, len(samples), batch):
+            chunk = samples[start:start + batch]
             t0 = time.perf_counter()
-            out = adapter.predict([s])[0]
+            outs = adapter.predict(chunk)
             _sync(device)
-            times.append(time.perf_counter() - t0)
-            preds[s.image_id] = out
-            bar(k + 1, len(samples))
+            times += [(time.perf_counter() - t0) / len(chunk)] * len(chunk)
+            preds.update({s.image_id: out for s, out in zip(chunk, outs)})
+            bar(start + len(chunk), len(samples))
         bar.close()
         write_predictions(pred_path, preds, dataset.classes, {"model": job.spec, "split": split["hash"]})
         md.write_predict_done(PredictDone(
@@ -194,7 +198,8 @@ def main(model_dir: Path) -> int:
             infer_ms_per_image=1000 * float(np.mean(times)) if times else None,
             infer_ms_per_image_median=1000 * float(np.median(times)) if times else None,
             io_ms_per_image=1000 * io_s / max(len(samples), 1),
-            peak_rss_mb=_rss_mb(), cuda_peak_mb=_cuda_peak_mb(device), device=device))
+            peak_rss_mb=_rss_mb(), cuda_peak_mb=_cuda_peak_mb(device), device=device,
+            extra={"predict_batch_size": batch}))
 
     # ---- evaluate ----------------------------------------------------------------------
     if not md.has_metrics():
@@ -202,8 +207,12 @@ def main(model_dir: Path) -> int:
         gt = {s.image_id: (s.instances, s.cell_type(dataset.classes)) for s in val}
         # a model that declares overlapping masks has them resolved by score; one that declares
         # none is held to it (an overlap is an error)
-        res = evaluate_predictions(gt, preds, dataset.classes, resolve_overlaps=job.resolve_overlaps,
-                                   max_dets=job.max_dets, seed=job.seed)
+        # images of one sample/well are resampled together (the clustered bootstrap); the match
+        # table is written before metrics.json, which marks the model finished
+        res, table = evaluate_predictions(gt, preds, dataset.classes, resolve_overlaps=job.resolve_overlaps,
+                                          max_dets=job.max_dets, seed=job.seed, return_matches=job.label,
+                                          groups={s.image_id: s.group for s in val}, cluster="sample_id/well")
+        table.write(md.matches, md.match_pairs)
         fit_t = md.read_fit_done().to_dict()
         pred_t = md.read_predict_done().to_dict()
         fit_t.pop("device", None)

@@ -25,6 +25,7 @@ class FakeConfig(AdapterConfig):
     iterations: int = 3
     fit_sleep: float = 0.0      # seconds to sleep in fit (timeouts, interrupts)
     spawn_child: bool = False   # start a long-lived grandchild in fit, its pid in counter_dir/child.pid
+    predict_batch_size: int = 1  # the worker hands predict() this many images at a time
 
 
 def _bump(cfg: FakeConfig, what: str) -> int:
@@ -78,6 +79,9 @@ class FakeAdapter(Adapter):
             os.kill(os.getpid(), signal.SIGKILL)
         if c.mode == "crash_predict" or (c.mode == "crash_predict_once" and _bump(c, "predict_attempt") == 1):
             raise RuntimeError("fake crash in predict")
+        if c.counter_dir:
+            with open(Path(c.counter_dir) / "predict_calls.txt", "a") as f:
+                f.write(f"{len(samples)}\n")
         out = []
         for s in samples:
             inst = s.instances
