@@ -110,14 +110,15 @@ def collect_browser(done: list[dict]) -> Browser:
         preds = read_predictions(p)[0]
         table = model_table(run["run"], r["model"], b.samples, preds, ds.classes)
         b.models.append(BrowserModel(r["model"], preds, run["metrics"].get("per_image", {}),
-                                     per_image(table, b.samples, preds), _taxonomy(run["metrics"], table, ds.classes)))
+                                     per_image(table, b.samples, preds), _taxonomy(r, table, ds.classes)))
     return b
 
 
-def _taxonomy(metrics: dict, table, classes: list[str]) -> dict:
-    """The run's taxonomy (metrics.json of newer runs), else computed from the match table."""
-    if "taxonomy" in metrics:
-        return metrics["taxonomy"]
+def _taxonomy(row: dict, table, classes: list[str]) -> dict:
+    """The leaderboard row's taxonomy (metrics.json's, or computed for an older run), else from the table."""
+    tax = row.get("taxonomy")
+    if tax and "counts" in tax:
+        return tax
     from bench.metrics.taxonomy import taxonomy
 
     return taxonomy(table.images(classes))
@@ -374,17 +375,20 @@ def leaderboard_table(rows: list[dict], classes: list[str], totals: dict[str, di
     """Columns and cells of the sortable leaderboard (numbers stay numbers so that they sort); the
     outcome counts are over the images of the browser (``totals``: model -> {"gt"|"pred": counts})."""
     counted = [("gt", k) for k in GT_ORDER] + [("pred", k) for k in ("spurious", "duplicate")]
-    cols = ["model", "Kaggle mAP", "CI low", "CI high", "COCO AP", "AP50", *classes, "vs best",
+    cell_keys = (("f1_50", "F1@0.5"), ("pq", "PQ"), ("aji", "AJI"), ("mean_matched_iou", "mean IoU"))
+    cols = ["model", "Kaggle mAP", "CI low", "CI high", "COCO AP", "AP50", *[n for _, n in cell_keys], *classes,
+            "vs best",
             *[k.replace("_", " ") for _, k in counted], "train s", "ms/img", "peak RSS MB", "device"]
     out = []
     for r in rows:
         if r["state"] != "done":
-            out.append([r["model"], None, None, None, None, None, *[None] * len(classes),
+            out.append([r["model"], None, None, None, None, None, *[None] * (len(cell_keys) + len(classes)),
                         f"{r['state']}: {r.get('detail', '')[:160]}", *[None] * (len(counted) + 4)])
             continue
         ci = r["kaggle_map_ci95"]
         t = totals.get(r["model"], {})
         out.append([r["model"], r["kaggle_map"], ci[0], ci[1], r["coco_AP"], r["coco_AP50"],
+                    *[(r.get("cell") or {}).get(k) for k, _ in cell_keys],
                     *[r["per_class"].get(c) for c in classes], r.get("vs_best", ""),
                     *[t[side].get(k, 0) if t else None for side, k in counted],
                     r["train_s"], r["infer_ms"], r["peak_rss_mb"], r.get("device")])

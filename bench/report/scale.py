@@ -1,4 +1,4 @@
-"""``make bench`` section E: the interactive report at the scale issue 16 names, 600 images x 5 models.
+"""``make bench`` section F: the interactive report at the scale issue 16 names, 600 images x 5 models.
 
 Why a made-up run: no stored run has 600 validation images and five models, and training five
 models for it would take hours. The images are the synthetic Sartorius-sized ones (704 x 520,
@@ -108,9 +108,9 @@ def browser_timings(path: Path, switches: int = 10) -> dict:
     return {"open_s": open_s, "switch_s": switch_s, "browser": "chromium"}
 
 
-def section_e(rows: list, cache: Path) -> None:
+def section_f(rows: list, cache: Path) -> None:
     """Add the report's figures to make bench's summary table."""
-    print(f"\n== E. interactive report, {N_IMAGES} synthetic {SIZE[0]}x{SIZE[1]} images x {N_MODELS} models ==")
+    print(f"\n== F. interactive report, {N_IMAGES} synthetic {SIZE[0]}x{SIZE[1]} images x {N_MODELS} models ==")
     t = time.perf_counter()
     run = build_run(cache)
     print(f"run folder {run} ready in {time.perf_counter() - t:.0f} s (cached after the first time)")
@@ -119,20 +119,20 @@ def section_e(rows: list, cache: Path) -> None:
     mb = r["bytes"] / 1e6
     print(f"report: {r['seconds']:.1f} s to write, {mb:.1f} MB ({r['layout']}); browser: "
           + (f"open {r['open_s']:.2f} s, next image {r['switch_s'] * 1000:.0f} ms" if "open_s" in r else r["browser"]))
-    rows.append(("E report: write s (600 img x 5 models)", f"{r['seconds']:.1f}", "<= 300", r["seconds"] <= 300))
-    rows.append(("E report: size MB (one file if <= 50)", f"{mb:.1f}", "<= 50", mb <= 50))
+    rows.append(("F report: write s (600 img x 5 models)", f"{r['seconds']:.1f}", "<= 300", r["seconds"] <= 300))
+    rows.append(("F report: size MB (one file if <= 50)", f"{mb:.1f}", "<= 50", mb <= 50))
     if "open_s" in r:
-        rows.append(("E report: open in chromium s", f"{r['open_s']:.2f}", "<= 5", r["open_s"] <= 5))
-        rows.append(("E report: switch image ms", f"{r['switch_s'] * 1000:.0f}", "<= 500", r["switch_s"] <= 0.5))
+        rows.append(("F report: open in chromium s", f"{r['open_s']:.2f}", "<= 5", r["open_s"] <= 5))
+        rows.append(("F report: switch image ms", f"{r['switch_s'] * 1000:.0f}", "<= 500", r["switch_s"] <= 0.5))
 
 
-if __name__ == "__main__":  # python -m bench.report.scale [CACHE]: section E alone
+if __name__ == "__main__":  # python -m bench.report.scale [CACHE]: section F alone
     import sys
 
     from bench.runner.run import RESULTS
 
     cache = Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS / "cache"
     rows: list = []
-    section_e(rows, cache)
+    section_f(rows, cache)
     for row in rows:
         print(*row, sep="  ")
