@@ -159,7 +159,7 @@ function initBrowser() {
   $("prev").onclick = () => showImage((state.image + CB.images.length - 1) % CB.images.length);
   $("next").onclick = () => showImage((state.image + 1) % CB.images.length);
   $("show-ov").onchange = () => showImage(state.image, undefined, state.focus);
-  $("legend").innerHTML = Object.entries(CB.colors).map(([k, c]) => "<span><i style='background:" + c + "'></i>" + k + "</span>").join("");
+  $("legend").innerHTML = Object.entries(CB.colors).map(([k, c]) => "<span><i style='background:" + c + "'></i>" + k.replace("_", " ") + "</span>").join("");
   const rows = CB.images.map((im, k) => ({k: k, cells: [im.id, im.cls, im.n_gt].concat(CB.models.map((m) => (im.m[m] || {}).score))}));
   fillTable($("images"), ["image", "class", "cells"].concat(CB.models.map((m) => m + " score")), rows, (r) => showImage(r.k));
   showImage(0);
