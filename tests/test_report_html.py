@@ -124,6 +124,11 @@ def test_report_refuses_models_of_another_split_and_splits_into_a_folder(tiny_ru
     assert any("0123456789abcdef" in n and ref in n for n in s["notes"])
     files = sorted((path.parent / "images").glob("*.js"))
     assert len(files) == len(s["images"]) and files[0].read_text().startswith("cbRegister(0,")
+    # written again small enough for one file: the folder layout goes, and back
+    assert _report(run, tmp_path / "rep") == tmp_path / "rep" / "report.html"
+    assert not (tmp_path / "rep" / "report").exists()
+    _report(run, tmp_path / "rep", max_bytes=1)
+    assert not (tmp_path / "rep" / "report.html").exists()
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium)")

@@ -460,17 +460,7 @@ def write_html_report(rows: list[dict], out: Path, pngs: list[Path], intro_md: s
         all_outcomes.append(oc)
         anchors.append(np.array([p["gt"]["pts"]["x"], p["gt"]["pts"]["y"]]).T.reshape(-1, 2))
     labels = [m.label for m in b.models]
-    totals: dict[str, dict] = {m: {"gt": {}, "pred": {}} for m in labels}
-    images = []
-    for s, oc in zip(b.samples, all_outcomes):
-        per = {}
-        for m in b.models:
-            c = oc[m.label].counts()
-            per[m.label] = {"score": m.per_image.get(s.image_id)}
-            for side in ("gt", "pred"):
-                for k, v in c[side].items():
-                    totals[m.label][side][k] = totals[m.label][side].get(k, 0) + v
-        images.append({"id": s.image_id, "cls": s.cell_type(ds_classes), "n_gt": len(s.instances), "m": per})
+    images, totals = image_table(b, all_outcomes, ds_classes)
     charts = taxonomy_charts(b.models) + [score_chart(b.models, [s.image_id for s in b.samples])] if labels else []
     if done:
         charts.append(precision_chart(done))
@@ -484,19 +474,52 @@ def write_html_report(rows: list[dict], out: Path, pngs: list[Path], intro_md: s
     scripts = [_json_script(p, f"cb-img-{k}") for k, p in enumerate(payloads)]
     text = page(summary, "".join(scripts), intro, pngs_html)
     if len(text.encode()) <= max_bytes:
+        _remove_folder_layout(out / "report")
         path = out / "report.html"
         atomic_write_text(path, text)
     else:
+        (out / "report.html").unlink(missing_ok=True)  # an earlier, smaller report's: stale now
         path = _write_folder(out / "report", summary, payloads, intro, pngs_html)
-    summary_s = time.perf_counter() - t0
-    _log_timing(path, len(b.samples), len(labels), summary_s)
+    _log_timing(path, len(b.samples), len(labels), time.perf_counter() - t0)
     return path
+
+
+def image_table(b: Browser, all_outcomes: list[dict[str, ImageOutcomes]], classes: list[str]
+                ) -> tuple[list[dict], dict[str, dict]]:
+    """The always-loaded row of each image (id, class, cells, each model's score) and each model's
+    outcome counts over all images (``{"gt": {...}, "pred": {...}}``)."""
+    totals: dict[str, dict] = {m.label: {"gt": {}, "pred": {}} for m in b.models}
+    images = []
+    for s, oc in zip(b.samples, all_outcomes):
+        for m in b.models:
+            for side, counts in oc[m.label].counts().items():
+                for k, v in counts.items():
+                    totals[m.label][side][k] = totals[m.label][side].get(k, 0) + v
+        images.append({"id": s.image_id, "cls": s.cell_type(classes), "n_gt": len(s.instances),
+                       "m": {m.label: {"score": m.per_image.get(s.image_id)} for m in b.models}})
+    return images, totals
+
+
+def _remove_folder_layout(folder: Path) -> None:
+    """An earlier, larger report's folder layout (index.html + images/*.js), stale once one file is written."""
+    if not (folder / "index.html").is_file():
+        return
+    for f in (folder / "images").glob("*.js"):
+        f.unlink()
+    (folder / "index.html").unlink()
+    for d in (folder / "images", folder):
+        try:
+            d.rmdir()
+        except OSError:  # absent, or something else lives there: leave it
+            pass
 
 
 def _write_folder(folder: Path, summary: dict, payloads: list[dict], intro: str, pngs_html: str) -> Path:
     """Too big for one file: ``index.html`` plus ``images/<k>.js`` per image, loaded on demand."""
     img_dir = folder / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
+    for f in img_dir.glob("*.js"):  # an earlier report's images
+        f.unlink()
     for k, p in enumerate(payloads):
         atomic_write_text(img_dir / f"{k}.js", f"cbRegister({k},{json.dumps(p, separators=(',', ':'))});")
     summary = {**summary, "split": "folder"}
