@@ -467,3 +467,24 @@ def test_paired_clustered_resamples_whole_groups():
     assert clustered.diff == pytest.approx(plain.diff)
     assert clustered.diff_ci95 == pytest.approx(plain.diff_ci95, abs=1e-12)
     assert clustered.p_a_better == pytest.approx(plain.p_a_better)
+
+
+def test_report_of_an_older_run_computes_the_taxonomy_without_writing(run, tmp_path):
+    import json
+
+    from bench.store import RunDir
+
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    md = RunDir(old).model("watershed")
+    md.matches.unlink()
+    md.match_pairs.unlink()
+    m = json.loads(md.metrics.read_text())
+    for k in ("cell", "taxonomy", "bootstrap", "image_group", "per_image_cell"):
+        m.pop(k, None)
+    md.metrics.write_text(json.dumps(m))
+    r = runner.invoke(app, ["report", str(old), "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 0, _out(r)
+    text = (tmp_path / "rep" / "leaderboard.md").read_text()
+    assert "Not in the metrics of watershed" in text and "### watershed" in text and "Kaggle mAP if fixed" in text
+    assert not md.matches.exists()   # the report reads run folders, never writes into them
