@@ -53,22 +53,14 @@ def test_outcomes_per_image_follow_the_match_table():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_synth):
     """A finished run: the fake adapter (predicts the ground truth) and it with half the cells dropped."""
-    import os
-
     from bench.runner.run import run_benchmark
 
-    old = os.environ.get("CELLBENCH_PLUGINS")
-    os.environ["CELLBENCH_PLUGINS"] = FAKE
-    registry.load_plugins()
     tmp = tmp_path_factory.mktemp("htmlrun")
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CELLBENCH_PLUGINS", FAKE)
+        registry.load_plugins()
         run_dir, out = run_benchmark(["fake", "fake:mode=drop_half"], str(tiny_synth), "smoke", "cpu", 0,
                                      tmp / "run", results=tmp / "results", echo=lambda *_: None)
-    finally:
-        if old is None:
-            os.environ.pop("CELLBENCH_PLUGINS", None)
-        else:
-            os.environ["CELLBENCH_PLUGINS"] = old
     assert [o.state for o in out] == ["done"] * 2
     return run_dir
 
