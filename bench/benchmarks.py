@@ -11,7 +11,9 @@ E. ``bench eval`` as a whole process (all metrics, CIs) vs a whole process paint
 D. harness overhead (:mod:`bench.overhead`): training s/iter and inference ms/img of every
    trainable adapter through cellbench vs the framework's own loop and predictor, on tiny
    synthetic data (written to results/bench/overhead.json).
-F. executors (:mod:`bench.executor.bench_executors`): a tiny sweep with ``--jobs 1`` and ``--jobs 2``
+F. the interactive HTML report on 600 synthetic images x 5 models (:mod:`bench.report.scale`):
+   time to write, size, and time to open / switch images in headless Chromium where installed.
+G. executors (:mod:`bench.executor.bench_executors`): a tiny sweep with ``--jobs 1`` and ``--jobs 2``
    on the CPU, and SLURM's per-job scheduling overhead where a cluster answers.
 
 A-C need the real annotations in ../shared/data, D only the frameworks (sections are skipped with
@@ -488,13 +490,18 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m bench.benchmarks", description="make bench: cellbench's speed, measured")
     p.add_argument("--no-overhead", action="store_true", help="leave out section D (harness overhead)")
+    p.add_argument("--no-report", action="store_true", help="leave out section F (the HTML report at scale)")
     p.add_argument("--overhead-args", default="", help='options for python -m bench.overhead, e.g. "--device cuda"')
-    p.add_argument("--no-executors", action="store_true", help="leave out section F (--jobs 1 vs 2, SLURM overhead)")
+    p.add_argument("--no-executors", action="store_true", help="leave out section G (--jobs 1 vs 2, SLURM overhead)")
     a = p.parse_args(argv)
     t_all = time.perf_counter()
     print(f"cellbench benchmarks; {load_note()} (other processes may be loading the CPU)")
     rows: list[tuple[str, str, str, bool | None]] = []
     data_sections(rows)
+    if not a.no_report:
+        from bench.report.scale import section_f
+
+        section_f(rows, REPO / "results" / "cache")
     if not a.no_overhead:
         section_d(rows, [a.overhead_args] if a.overhead_args else [])
     if not a.no_executors:

@@ -298,7 +298,7 @@ def run_cmd(models: str = typer.Option(..., "--models", help="Comma-separated sp
 def report_cmd(runs: Optional[list[Path]] = typer.Argument(None, help="Run folders (default: the latest), "
                                                                       "or one sweep folder."),
                out: Path = typer.Option(Path("results"), "--out", help="Where leaderboard.* and plots go.")):
-    """Leaderboard (md, csv, html) and PNG plots from one or more runs, or a sweep's report."""
+    """Leaderboard (md, csv, html), PNG plots and the interactive report.html from one or more runs, or a sweep's report."""
     from bench.report.leaderboard import write_report
     from bench.runner.run import latest_run
 

@@ -1,4 +1,4 @@
-"""``make bench`` section F: what the executors cost and gain, measured in one run.
+"""``make bench`` section G: what the executors cost and gain, measured in one run.
 
 1. A tiny sweep (watershed and a few-iteration torchvision Mask R-CNN, two seeds each: four jobs)
    run with ``--jobs 1`` (the environment's thread count, then one thread) and ``--jobs 2`` (one
@@ -70,7 +70,7 @@ def run(rows: list) -> None:
     from bench.data.synth import generate
     from bench.executor import ExecutorSpec, SlurmOptions
 
-    print("\n== F. executors: --jobs 1 vs --jobs 2 on the CPU; SLURM's per-job overhead ==")
+    print("\n== G. executors: --jobs 1 vs --jobs 2 on the CPU; SLURM's per-job overhead ==")
     with tempfile.TemporaryDirectory(prefix="cellbench-exec-bench-") as tmp:
         tmp = Path(tmp)
         data = tmp / "data"

@@ -225,6 +225,9 @@ def write_report(run_dirs: list[Path], out: Path) -> list[Path]:
 
     atomic_write_text(out / "leaderboard.html", _html(header, rows, classes, pngs, extra_md))
     written.append(out / "leaderboard.html")
+    from bench.report.html import write_html_report  # the interactive report (report.html)
+
+    written.append(write_html_report(rows, out, pngs, header, classes))
     return written
 
 
