@@ -91,6 +91,7 @@ def main(model_dir: Path) -> int:
     from bench.data.predictions import read_predictions, write_predictions
     from bench.data.split import read_split
     from bench.metrics.evaluator import evaluate_predictions
+    from bench.tta import TTAPredictor, write_raw_outputs
 
     md = ModelDir(model_dir)
     job = md.read_job()
@@ -171,8 +172,9 @@ def main(model_dir: Path) -> int:
             s._image = s.image
         io_s = time.perf_counter() - t_io
         warmup = min(job.warmup, len(samples))
+        predictor = TTAPredictor(adapter.predict, getattr(cfg, "tta", "none"))  # plain predict unless tta
         for s in samples[:warmup]:
-            adapter.predict([s])
+            predictor(s, record=False)
         _sync(device)
         if device.startswith("cuda") and "torch" in sys.modules:
             import torch
@@ -182,19 +184,22 @@ def main(model_dir: Path) -> int:
         preds, times = {}, []
         for k, s in enumerate(samples):
             t0 = time.perf_counter()
-            out = adapter.predict([s])[0]
+            out = predictor(s)
             _sync(device)
             times.append(time.perf_counter() - t0)
             preds[s.image_id] = out
             bar(k + 1, len(samples))
         bar.close()
         write_predictions(pred_path, preds, dataset.classes, {"model": job.spec, "split": split["hash"]})
+        if predictor.active:  # every pass, inverted, before merging: other merges need no inference
+            write_raw_outputs(md.raw_outputs, predictor.raw, dataset.classes, {"model": job.spec, "split": split["hash"]})
         md.write_predict_done(PredictDone(
             images=len(samples), warmup_images=warmup,
             infer_ms_per_image=1000 * float(np.mean(times)) if times else None,
             infer_ms_per_image_median=1000 * float(np.median(times)) if times else None,
             io_ms_per_image=1000 * io_s / max(len(samples), 1),
-            peak_rss_mb=_rss_mb(), cuda_peak_mb=_cuda_peak_mb(device), device=device))
+            peak_rss_mb=_rss_mb(), cuda_peak_mb=_cuda_peak_mb(device), device=device,
+            extra=predictor.timing()))
 
     # ---- evaluate ----------------------------------------------------------------------
     if not md.has_metrics():
