@@ -313,3 +313,4 @@ def report_cmd(runs: Optional[list[Path]] = typer.Argument(None, help="Run folde
 
 
 from bench import cli_extra, cli_sweep  # noqa: E402,F401  (register tune/predict/submit and sweep)
+from bench import cli_ensemble  # noqa: E402,F401  (register ensemble and tta)

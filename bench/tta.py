@@ -224,6 +224,9 @@ class TTAPredictor:
     identity_seconds: list[float] = field(default_factory=list)
     total_seconds: list[float] = field(default_factory=list)
     keep_raw: bool = True
+    # the adapter declares non-overlapping masks (watershed, Cellpose): merged passes may overlap,
+    # so they are resolved by score as the evaluator would, and the adapter's contract holds
+    resolve_overlaps: bool = False
 
     def __post_init__(self):
         self.augs = parse_tta(self.text)
@@ -245,6 +248,10 @@ class TTAPredictor:
                 t_id = time.perf_counter() - ta
             outs.append(out)
         merged = fuse_passes(outs)
+        if self.resolve_overlaps:
+            from bench.metrics.kaggle import resolve_overlaps
+
+            merged = resolve_overlaps(merged)
         if record:
             self.identity_seconds.append(t_id)
             self.total_seconds.append(time.perf_counter() - t0)

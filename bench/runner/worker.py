@@ -172,7 +172,8 @@ def main(model_dir: Path) -> int:
             s._image = s.image
         io_s = time.perf_counter() - t_io
         warmup = min(job.warmup, len(samples))
-        predictor = TTAPredictor(adapter.predict, getattr(cfg, "tta", "none"))  # plain predict unless tta
+        predictor = TTAPredictor(adapter.predict, getattr(cfg, "tta", "none"),  # plain predict unless tta
+                                 resolve_overlaps=not job.resolve_overlaps)
         for s in samples[:warmup]:
             predictor(s, record=False)
         _sync(device)
