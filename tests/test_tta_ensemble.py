@@ -304,3 +304,13 @@ variants:
     bad.write_text(cfg.read_text().replace("tune: false", "tune: false, weights: [1]"))
     with pytest.raises(ConfigError, match="1 weight"):
         load_sweep(bad)
+
+
+def test_shipped_tta_ensemble_sweep_validates():
+    from bench.sweep import load_sweep, validate_plan, with_members
+
+    path = Path(__file__).parent.parent / "configs" / "experiments" / "tta-ensemble-smoke.yaml"
+    cfg = load_sweep(path)
+    chosen = with_members(cfg, ["ens-cellpose-maskrcnn", "cascade-tta-flip"])
+    assert chosen[-1] == "ens-cellpose-maskrcnn" and {"cellpose", "maskrcnn-tv"} <= set(chosen)
+    validate_plan(cfg, path, chosen, None, {})
