@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -188,16 +187,27 @@ def test_tta_end_to_end_on_watershed(tmp_path, tiny_synth):
 # bench ensemble on a run (fake models whose predictions are known)
 # ---------------------------------------------------------------------------
 
-@pytest.fixture
-def fake_run(tmp_path, tiny_synth, monkeypatch):
+@pytest.fixture(scope="module")
+def fake_run_once(tmp_path_factory, tiny_synth):
+    """One run of two fake models (perfect, and half the cells), shared: each test fuses a copy."""
     from bench.runner.run import run_benchmark
 
-    monkeypatch.setenv("CELLBENCH_PLUGINS", str(PLUGINS / "fake_adapter.py"))
-    registry.load_plugins()
-    run_dir, out = run_benchmark(["fake", "fake:mode=drop_half"], str(tiny_synth), "smoke", "cpu", 0,
-                                 tmp_path / "run", results=tmp_path / "results", echo=lambda *_: None)
+    tmp = tmp_path_factory.mktemp("fake_run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CELLBENCH_PLUGINS", str(PLUGINS / "fake_adapter.py"))
+        registry.load_plugins()
+        run_dir, out = run_benchmark(["fake", "fake:mode=drop_half"], str(tiny_synth), "smoke", "cpu", 0,
+                                     tmp / "run", results=tmp / "results", echo=lambda *_: None)
     assert [o.state for o in out] == ["done", "done"]
     return run_dir
+
+
+@pytest.fixture
+def fake_run(fake_run_once, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("CELLBENCH_PLUGINS", str(PLUGINS / "fake_adapter.py"))
+    return Path(shutil.copytree(fake_run_once, tmp_path / "run"))
 
 
 def test_ensemble_of_two_fakes_is_a_leaderboard_row(fake_run, tmp_path):
