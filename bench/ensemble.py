@@ -81,6 +81,15 @@ def load_member(md: ModelDir, run_split: str) -> Member:
     return Member(md.label, md, preds, split, md.read_metrics() or {})
 
 
+def member_cv_scores(md: ModelDir) -> dict[str, float] | None:
+    """A member's per-image Kaggle mAP with its own thresholds tuned by ``bench tune``'s CV (None
+    when it was not tuned)."""
+    t = md.read_tuning()
+    if not t or "per_image" not in t:
+        return None
+    return {iid: float(v["tuned_cv"]) for iid, v in t["per_image"].items()}
+
+
 def check_members(members: Sequence[Member]) -> None:
     if len(members) < 2:
         raise ValueError(f"an ensemble needs at least 2 models (got {len(members)})")
@@ -261,6 +270,11 @@ def build_ensemble(run_dir: Path, refs: Sequence[str], name: str, method: str = 
         }
         res["paired_vs_members"] = {m.label: paired_bootstrap(res["per_image"], m.metrics["per_image"], seed=seed)
                                     .as_dict() for m in members if m.metrics.get("per_image")}
+        # a tuned ensemble against members tuned the same way (bench tune's CV per image), so
+        # that what fusion adds is not confused with what tuning adds
+        tuned = {m.label: member_cv_scores(m.dir) for m in members}
+        res["paired_vs_members_tuned_cv"] = {lb: paired_bootstrap(res["per_image"], s, seed=seed).as_dict()
+                                             for lb, s in tuned.items() if s and tune}
         res.update(model=f"ensemble:{name}", label=name, split_hash=manifest.split_hash, seed=seed,
                    device="+".join(sorted({str(m.metrics.get("device", "?")) for m in members})),
                    fit="fused (no training)", overlaps="resolved by score",
@@ -291,7 +305,8 @@ def summary_table(res: dict) -> str:
     ms = tm.get("infer_ms_per_image")
     rows.append(f"  inference {'?' if ms is None else f'{ms:.1f}'} ms/img (members' sum + fusion "
                 f"{tm['fusion_ms_per_image']:.1f}), training {tm['train_seconds']:.1f} s (sum)")
-    for label, p in res.get("paired_vs_members", {}).items():
-        rows.append(f"  vs {label}: diff {p['diff']:+.4f} [{p['diff_ci95'][0]:+.4f}, {p['diff_ci95'][1]:+.4f}] "
-                    f"P(ensemble better)={p['p_a_better']:.2f} -> {p['verdict']}")
+    for key, what in (("paired_vs_members", ""), ("paired_vs_members_tuned_cv", " tuned (bench tune, CV)")):
+        for label, p in res.get(key, {}).items():
+            rows.append(f"  vs {label}{what}: diff {p['diff']:+.4f} [{p['diff_ci95'][0]:+.4f}, "
+                        f"{p['diff_ci95'][1]:+.4f}] P(ensemble better)={p['p_a_better']:.2f} -> {p['verdict']}")
     return "\n".join(rows)

@@ -79,33 +79,48 @@ def main() -> None:
             if m is None:
                 m = build_ensemble(run.path, list(combo), name, "score-average", None, True, echo=lambda *_: None)
             ens[combo] = m
-    lines = ["| row | Kaggle mAP [95% CI] | paired diff [95% CI] verdict | vs | tuned CV | ms/img | cost |",
-             "|---|---|---|---|---:|---:|---|"]
+    from bench.ensemble import member_cv_scores
+    from bench.metrics.bootstrap import paired_bootstrap
+
+    def cvs(label: str) -> dict | None:
+        return member_cv_scores(run.model(label))
 
     def cv(label: str) -> str:
-        t = run.model(label).read_tuning()
-        return f"{t['tuned_cv']:.4f}" if t else ""
+        s = cvs(label)
+        return f"{sum(s.values()) / len(s):.4f}" if s else ""
 
+    def paired_cv(a_scores: dict | None, b_label: str) -> str:
+        b = cvs(b_label)
+        return _test(paired_bootstrap(a_scores, b).as_dict()) if a_scores and b else "-"
+
+    lines = ["| row | Kaggle mAP [95% CI] | vs | paired diff, untuned [95% CI] | tuned CV | paired diff, both tuned "
+             "(CV) [95% CI] | ms/img | inference cost |",
+             "|---|---|---|---|---:|---|---:|---|"]
     for lb in order:
         m = raw[lb]
-        lines.append(f"| {lb} | {_ci(m)} | | | {cv(lb)} | {m['timings'].get('infer_ms_per_image') or 0:.1f} | 1x |")
+        ms = m["timings"].get("infer_ms_per_image") or 0
+        lines.append(f"| {lb} | {_ci(m)} | | | {cv(lb)} | | {ms:.1f} | 1x |")
         t = tta_rows.get(lb, "")
         if t.startswith("refused"):
-            lines.append(f"| {lb} + tta={a.tta} | {t} | | | | | |")
+            lines.append(f"| {lb} + tta={a.tta} | {t} | | | | | | |")
             continue
         tm = _metrics(run, t)
         tt = tm["timings"]
-        lines.append(f"| {lb} + tta={a.tta} | {_ci(tm)} | {_test(tm.get('paired_vs_source', {}).get(lb))} | {lb} | {cv(t)} | "
-                     f"{tt.get('infer_ms_per_image') or 0:.1f} | {tt.get('tta_factor') or 0:.2f}x its identity pass |")
+        f = tt.get("tta_factor") or 0
+        lines.append(f"| {lb} + tta={a.tta} | {_ci(tm)} | {lb} | {_test(tm.get('paired_vs_source', {}).get(lb))} | "
+                     f"{cv(t)} | {paired_cv(cvs(t), lb)} | ~{f * ms:.0f} | {f:.2f}x (passes / identity pass, "
+                     f"same process) |")
 
     def ens_line(title: str, combo: tuple[str, ...]) -> str:
         m = ens[combo]
         best = max(combo, key=lambda lb: raw[lb]["kaggle_map"])
+        best_cv = max(combo, key=lambda lb: float(cv(lb) or raw[lb]["kaggle_map"]))
         t = m["timings"]
         tun = m.get("tuning", {})
-        return (f"| {title}: {' + '.join(combo)} | {_ci(m)} (in-sample {tun.get('tuned_in_sample', 0):.4f}) | "
-                f"{_test(m['paired_vs_members'].get(best))} | best member {best} | (is CV) | "
-                f"{t.get('infer_ms_per_image') or 0:.1f} | members' sum + fusion {t['fusion_ms_per_image']:.1f} ms |")
+        return (f"| {title}: {' + '.join(combo)} | {_ci(m)} (CV; in-sample {tun.get('tuned_in_sample', 0):.4f}) | "
+                f"best member {best} (tuned: {best_cv}) | {_test(m['paired_vs_members'].get(best))} | (is CV) | "
+                f"{paired_cv(m['per_image'], best_cv)} | {t.get('infer_ms_per_image') or 0:.1f} | members' sum + "
+                f"fusion {t['fusion_ms_per_image']:.1f} ms |")
 
     for k in range(2, a.max_members + 1):
         top = tuple(useful[:k])
