@@ -9,10 +9,10 @@ hash, which covers the image ids and the annotations' content): anything else is
 naming the hashes.
 
 With ``tune`` the members' weights (a grid over the simplex in steps of 1/4, unless
-``weights`` are given) and the fused score threshold (:data:`bench.tune.SCORE_GRID`; overlaps
-resolved first, as ``bench tune`` does) are chosen with the same k-fold cross-validation over
-the validation images as ``bench tune`` (:func:`bench.tune.make_folds`, stratified by the
-predicted image class, seeded): each image's saved prediction is fused and thresholded with
+``weights`` are given) and ``bench tune``'s post-processing of the fused prediction (overlaps
+resolved, then a score threshold and a minimum area per predicted cell type, its grid) are
+chosen with the same k-fold cross-validation over the validation images as ``bench tune``
+(:func:`bench.tune.make_folds`, stratified by the predicted image class, seeded): each image's saved prediction is fused and thresholded with
 what the other folds chose, so the model folder's ``metrics.json``, and with it the
 leaderboard's Kaggle mAP, its CI and every paired test, are the honest cross-validated figure.
 The choice refitted on all images is scored on them too, shown as "in-sample (optimistic)".
@@ -140,25 +140,20 @@ def fuse_images(member_preds: Sequence[dict[str, Instances]], ids: Sequence[str]
     return out
 
 
-def threshold(pred: Instances, score: float) -> Instances:
-    """Overlaps resolved by score, then instances below ``score`` dropped (``bench tune``'s order)."""
-    from bench.metrics.kaggle import resolve_overlaps
-    from bench.tune import with_scores
-
-    res = resolve_overlaps(with_scores(pred))
-    return res.subset(res.scores >= score) if score > 0 else res
-
-
 def tune_fusion(gt: dict[str, tuple[Instances, str]], member_preds: Sequence[dict[str, Instances]], classes,
                 method: str, weights: Sequence[float] | None = None, k: int = 5, seed: int = 0,
-                score_grid: Sequence[float] | None = None) -> dict:
-    """Weights (unless given) and fused score threshold by k-fold CV over the images.
+                score_grid: Sequence[float] | None = None, area_grid: Sequence[int] | None = None) -> dict:
+    """Weights (unless given) and ``bench tune``'s post-processing by its k-fold CV over the images.
 
-    Returns the cross-fitted predictions (each image fused with the other folds' choice), the
-    untuned / in-sample / CV means, the choice refitted on all images and each fold's."""
-    from bench.tune import SCORE_GRID, build_table, image_class, make_folds
+    The post-processing is ``bench tune``'s exactly (overlaps resolved, then a score threshold and
+    a minimum area per predicted cell type, its grid, its folds): on the fit folds, each weight
+    vector gets its best thresholds, the weights whose thresholds score best win, and the held-out
+    images are fused and post-processed with that choice. Returns those cross-fitted predictions,
+    the untuned / in-sample / CV means, the choice refitted on all images and each fold's."""
+    from bench.tune import (AREA_GRID, SCORE_GRID, _apply_scores, _grid_index, apply_tuning, build_table,
+                            fit_thresholds, make_folds)
 
-    score_grid = tuple(score_grid or SCORE_GRID)
+    score_grid, area_grid = tuple(score_grid or SCORE_GRID), tuple(area_grid or AREA_GRID)
     ids = list(gt)
     n = len(ids)
     if n < 2:
@@ -166,40 +161,44 @@ def tune_fusion(gt: dict[str, tuple[Instances, str]], member_preds: Sequence[dic
     sizes = {i: (g.height, g.width) for i, (g, _) in gt.items()}
     grid = [tuple(normalise_weights(weights, len(member_preds)))] if weights else weight_grid(len(member_preds))
     fused = [fuse_images(member_preds, ids, sizes, w, method) for w in grid]
-    src = "predicted" if any((p.classes >= 0).any() for f in fused[:1] for p in f.values()) else "single"
-    S = np.zeros((n, len(grid), len(score_grid)))
-    for wi, f in enumerate(fused):
-        for r, iid in enumerate(ids):
-            g, ct = gt[iid]
-            S[r, wi] = build_table(g, f[iid], iid, ct or "all", classes, "single").grid_scores(score_grid, (0,))
-    cls = [image_class(threshold(fused[0][i], 0.0), classes, src) for i in ids]
+    src = "predicted" if any((p.classes >= 0).any() for f in fused for p in f.values()) else "single"
+    tables = [[build_table(gt[i][0], f[i], i, gt[i][1] or "all", classes, src) for i in ids] for f in fused]
+    S = [np.stack([tb.grid_scores(score_grid, area_grid) for tb in tw]) for tw in tables]  # per weights: (n, G)
+    cls = [[tb.cls for tb in tw] for tw in tables]
     k = max(2, min(k, n))
-    folds = make_folds(cls, k, seed)
+    folds = make_folds(cls[0], k, seed)   # bench tune's folds (of the first weights' predicted classes)
 
-    def best(rows) -> tuple[int, int]:
-        m = S[rows].mean(axis=0)
-        flat = int(np.flatnonzero(m.ravel() >= m.max() - 1e-12)[0])  # ties: first weights, lowest threshold
-        return divmod(flat, len(score_grid))
+    def best(rows) -> tuple[int, dict]:
+        """Weights and thresholds fitted on ``rows``; ties: the first weights (equal or given)."""
+        fits = [fit_thresholds(S[w], cls[w], rows, score_grid, area_grid) for w in range(len(grid))]
+        means = [float(_apply_scores(S[w], cls[w], rows, fits[w], score_grid, area_grid).mean())
+                 for w in range(len(grid))]
+        w = int(np.flatnonzero(np.asarray(means) >= max(means) - 1e-12)[0])
+        return w, fits[w]
 
+    untuned_i = _grid_index({"score": 0.0, "min_area": 0}, score_grid, area_grid)
     cv = np.zeros(n)
     cross: dict[str, Instances] = {}
     per_fold = []
     for f in range(k):
         held, fit = np.flatnonzero(folds == f), np.flatnonzero(folds != f)
-        wi, ti = best(fit)
-        per_fold.append({"fold": f, "weights": list(grid[wi]), "score": score_grid[ti],
-                         "images": [ids[r] for r in held]})
+        w, th = best(fit)
+        per_fold.append({"fold": f, "weights": list(grid[w]), "thresholds": th, "images": [ids[r] for r in held]})
+        cv[held] = _apply_scores(S[w], cls[w], held, th, score_grid, area_grid)
         for r in held:
-            cv[r] = S[r, wi, ti]
-            cross[ids[r]] = threshold(fused[wi][ids[r]], score_grid[ti])
-    wi, ti = best(np.arange(n))
+            cross[ids[r]] = apply_tuning(fused[w][ids[r]], {"thresholds": th, "class_source": src}, classes)[0]
+    w, th = best(np.arange(n))
+    in_sample = _apply_scores(S[w], cls[w], np.arange(n), th, score_grid, area_grid)
     return {
         "predictions": cross,
-        "untuned": float(S[:, 0, 0].mean()), "tuned_in_sample": float(S[:, wi, ti].mean()),
+        "untuned": float(S[0][:, untuned_i].mean()), "tuned_in_sample": float(in_sample.mean()),
         "tuned_cv": float(cv.mean()), "k": int(k), "seed": int(seed), "n_images": n,
-        "weights": list(grid[wi]), "score": score_grid[ti], "weights_tuned": weights is None,
-        "weight_grid": [list(g) for g in grid], "score_grid": list(score_grid), "folds": per_fold,
-        "per_image": {iid: {"untuned": float(S[r, 0, 0]), "tuned_cv": float(cv[r])} for r, iid in enumerate(ids)},
+        "weights": list(grid[w]), "thresholds": th, "class_source": src, "weights_tuned": weights is None,
+        "postprocess": "fuse; resolve overlaps by score; drop instances with score < score or area < min_area "
+                       "(per predicted class, bench tune's grid)",
+        "weight_grid": [list(g) for g in grid], "folds": per_fold,
+        "per_image": {iid: {"untuned": float(S[0][r, untuned_i]), "tuned_cv": float(cv[r])}
+                      for r, iid in enumerate(ids)},
     }
 
 
