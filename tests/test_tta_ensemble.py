@@ -324,3 +324,22 @@ def test_shipped_tta_ensemble_sweep_validates():
     chosen = with_members(cfg, ["ens-cellpose-maskrcnn", "cascade-tta-flip"])
     assert chosen[-1] == "ens-cellpose-maskrcnn" and {"cellpose", "maskrcnn-tv"} <= set(chosen)
     validate_plan(cfg, path, chosen, None, {})
+
+
+def test_resuming_a_run_recorded_before_the_tta_option(tmp_path, tiny_synth):
+    """A run whose manifest predates ``tta`` (and Cellpose's ``tta: bool``) resumes: an option added
+    since takes its default, a renamed one its new name; a real change is still refused."""
+    from bench.runner.run import _as_now, run_benchmark
+
+    assert _as_now("cellpose", {"tta": True})["native_tta"] is True
+    quiet = dict(results=tmp_path / "results", echo=lambda *_: None)
+    run_dir, _ = run_benchmark(["watershed"], str(tiny_synth), "smoke", "cpu", 0, tmp_path / "run", **quiet)
+    m = json.loads((run_dir / "manifest.json").read_text())
+    del m["configs"]["watershed"]["tta"]
+    (run_dir / "manifest.json").write_text(json.dumps(m))
+    _, out = run_benchmark(["watershed"], str(tiny_synth), "smoke", "cpu", 0, run_dir, resume=True, **quiet)
+    assert [o.state for o in out] == ["done"]
+    m["configs"]["watershed"]["threshold_scale"] = 2.0
+    (run_dir / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="threshold_scale"):
+        run_benchmark(["watershed"], str(tiny_synth), "smoke", "cpu", 0, run_dir, resume=True, **quiet)
