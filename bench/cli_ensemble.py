@@ -29,8 +29,9 @@ def ensemble_cmd(run: Path = typer.Argument(..., help="Run folder: the ensemble 
                  weights: Optional[str] = typer.Option(None, "--weights", help="One weight per member, in --models "
                                                                                "order (default: tuned by CV, or "
                                                                                "equal with --no-tune)."),
-                 tune: bool = typer.Option(True, "--tune/--no-tune", help="Choose weights (unless given) and the "
-                                                                          "fused score threshold by k-fold CV."),
+                 tune: bool = typer.Option(True, "--tune/--no-tune", help="Choose weights (unless given) and bench "
+                                                                          "tune's thresholds (score, min area per "
+                                                                          "class) by k-fold CV."),
                  folds: int = typer.Option(5, "--folds", min=2, help="k of the cross-validation."),
                  seed: Optional[int] = typer.Option(None, "--seed", help="Fold shuffle seed (default: the run's).")):
     """Fuse the cached validation predictions of 2+ models of the same split into a new model folder.

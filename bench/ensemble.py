@@ -12,7 +12,8 @@ With ``tune`` the members' weights (a grid over the simplex in steps of 1/4, unl
 ``weights`` are given) and ``bench tune``'s post-processing of the fused prediction (overlaps
 resolved, then a score threshold and a minimum area per predicted cell type, its grid) are
 chosen with the same k-fold cross-validation over the validation images as ``bench tune``
-(:func:`bench.tune.make_folds`, stratified by the predicted image class, seeded): each image's saved prediction is fused and thresholded with
+(:func:`bench.tune.make_folds`, stratified by the predicted image class, seeded): each image's
+saved prediction is fused and thresholded with
 what the other folds chose, so the model folder's ``metrics.json``, and with it the
 leaderboard's Kaggle mAP, its CI and every paired test, are the honest cross-validated figure.
 The choice refitted on all images is scored on them too, shown as "in-sample (optimistic)".
@@ -279,9 +280,10 @@ def build_ensemble(run_dir: Path, refs: Sequence[str], name: str, method: str = 
                    fit="fused (no training)", overlaps="resolved by score",
                    framework={"name": "cellbench ensemble", "version": method}, ensemble=record)
         if tune:
-            res["tuning"] = {"untuned": record["tuning"]["untuned"], "tuned_in_sample": record["tuning"]["tuned_in_sample"],
-                             "tuned_cv": record["tuning"]["tuned_cv"], "note": "weights and score threshold, "
-                             f"{record['tuning']['k']}-fold CV; metrics are the cross-fitted (CV) predictions'"}
+            tr = record["tuning"]
+            res["tuning"] = {"untuned": tr["untuned"], "tuned_in_sample": tr["tuned_in_sample"],
+                             "tuned_cv": tr["tuned_cv"], "note": "weights and bench tune's thresholds, "
+                             f"{tr['k']}-fold CV; metrics are the cross-fitted (CV) predictions'"}
         from bench.util import atomic_write_json
 
         atomic_write_json(out.ensemble_record, record)

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.data.errors import DataError
-from bench.store import FitDone, Job, ModelDir, PredictDone, RunDir, Status
+from bench.store import FitDone, Job, PredictDone, RunDir, Status
 
 
 def tta_spec(spec: str, tta: str) -> str:

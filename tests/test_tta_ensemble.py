@@ -248,7 +248,8 @@ def test_ensemble_tuning_is_cross_validated(fake_run):
     assert res["kaggle_map"] == pytest.approx(t["tuned_cv"])   # the leaderboard number is the CV one
     rec = json.loads((fake_run / "models" / "ens-cv" / "ensemble.json").read_text())
     folds = rec["tuning"]["folds"]
-    assert len(folds) == min(3, len(res["per_image"])) and sorted(i for f in folds for i in f["images"]) == sorted(res["per_image"])
+    assert len(folds) == min(3, len(res["per_image"]))
+    assert sorted(i for f in folds for i in f["images"]) == sorted(res["per_image"])
 
 
 def test_ensemble_refuses_bad_input(fake_run, tmp_path, tiny_synth):
