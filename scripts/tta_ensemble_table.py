@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--tta", default="flip")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--max-members", type=int, default=3)
+    ap.add_argument("--tta-models", default=None, help="comma-separated labels to predict with TTA now "
+                                                       "(default: all; the others only if already done)")
     a = ap.parse_args()
     from bench.ensemble import build_ensemble
     from bench.tta_run import tta_model, tta_spec
@@ -55,6 +57,10 @@ def main() -> None:
     for label in plain:
         spec = run.model(label).read_job().spec
         tlabel = run.model_for(tta_spec(spec, a.tta)).label
+        wanted = a.tta_models is None or label in a.tta_models.split(",")
+        if _metrics(run, tlabel) is None and not wanted:
+            tta_rows[label] = "refused: not run (--tta-models)"
+            continue
         if _metrics(run, tlabel) is None:
             try:
                 tta_model(run.path, label, a.tta, "cpu")
