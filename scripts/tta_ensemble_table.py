@@ -51,7 +51,7 @@ def main() -> None:
     from bench.tta_run import tta_model, tta_spec
 
     run = RunDir(a.run)
-    plain = [md.label for md in run.models() if md.has_metrics() and "--tta=" not in md.label
+    plain = [md.label for md in run.models() if md.has_metrics() and "tta=" not in md.label
              and not (md.ensemble_record.is_file())]
     rows, tta_rows = [], {}
     for label in plain:
