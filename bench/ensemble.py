@@ -252,6 +252,7 @@ def build_ensemble(run_dir: Path, refs: Sequence[str], name: str, method: str = 
     else:
         final = plain
     with run.lock():
+        check_name(name, run)  # again under the lock: another process may have made it meanwhile
         out.mkdir()
         from bench.data.predictions import write_predictions
 

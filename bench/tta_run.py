@@ -73,6 +73,8 @@ def tta_model(run_dir: Path, model: str, tta: str, device: str = "cpu", echo=pri
         preds[s.image_id] = predictor(s)
         times.append(time.perf_counter() - t0)
     with run.lock():
+        if out.is_dir():  # another process made it meanwhile
+            raise FileExistsError(f"{out.path} already exists (delete it to predict again)")
         out.mkdir()
         Job(spec=spec, label=out.label, config={**job.config, "tta": tta}, data=job.data, device=lm.device,
             seed=job.seed, requested_device=device, fit="skip", resolve_overlaps=job.resolve_overlaps,
