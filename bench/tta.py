@@ -21,8 +21,9 @@ keeps a quarter of its score), never by box NMS.
 
 An adapter declares in ``capabilities.tta`` which kinds (``flip``, ``scale``) its output can
 be inverted for; anything else is refused before the run starts (:func:`check_supported`).
-The Mask R-CNNs declare ``flip`` only: they resize every image to a fixed short side, so a
-scale pass would be undone before the network sees it. Framework-internal TTA (Cellpose's
+Detectron2's and torchvision's Mask R-CNN declare ``flip`` only: they resize every image to a
+fixed short side, so a scale pass would be undone before the network sees it (Cascade rescales by
+a factor and takes both). Framework-internal TTA (Cellpose's
 own tile flips) is that adapter's ``native_tta`` option, a different thing.
 
 The timing the worker reports: ms per image for all passes, inversion and merging, the
