@@ -39,6 +39,16 @@ class AdapterConfig(BaseModel):
     # Kaggle mAP of the validation split every N iterations (epochs for Cellpose) during
     # training, for validation curves; 0: off. Never used for model selection.
     eval_every: int = Field(0, ge=0)
+    # cellbench's test-time augmentation (bench/tta.py), the same for every model: none, flip,
+    # scale, flip+scale, ... (a framework's own TTA, e.g. Cellpose's, is that adapter's native_tta)
+    tta: str = "none"
+
+    @field_validator("tta")
+    @classmethod
+    def _tta_grammar(cls, v: str) -> str:
+        from bench.tta import validate_tta
+
+        return validate_tta(v)
 
     @field_validator("input_percentiles")
     @classmethod
@@ -88,6 +98,8 @@ class Capabilities:
     devices: tuple[str, ...] = ("cpu", "cuda")
     trainable: bool = True
     needs_weights: bool = False      # cannot run without a weights file
+    tta: tuple[str, ...] = ("flip", "scale")   # test-time transforms its output can be inverted for
+    tta_note: str = ""               # why a kind is missing (shown when a tta option is refused)
 
 
 @dataclass

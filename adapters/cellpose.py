@@ -107,7 +107,17 @@ class CellposeConfig(AdapterConfig):
     max_size_fraction: float = Field(0.4, gt=0, le=1)  # drop masks larger than this fraction of the image
     niter: int | None = Field(None, ge=1)            # flow-following steps (None: 200 / rescale)
     tile_overlap: float = Field(0.1, ge=0, lt=1)
-    tta: bool = False                                # test-time flip augmentation of the tiles (Cellpose's augment)
+    # Cellpose's own test-time flips of its tiles (its eval(augment=)); cellbench's generic TTA is `tta`
+    native_tta: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_tta(cls, values):
+        """Before cellbench's generic ``tta``, ``tta: true/false`` was Cellpose's own flips: configs
+        of older runs (job.json, checkpoints) still say so; they mean ``native_tta``."""
+        if isinstance(values, dict) and isinstance(values.get("tta"), bool):
+            values = {**values, "native_tta": values["tta"], "tta": "none"}
+        return values
 
     @model_validator(mode="after")
     def _check(self) -> "CellposeConfig":
@@ -236,7 +246,7 @@ class CellposeAdapter(TrainableAdapter):
                     rescale=self._rescale_factor(), diameter=None, resample=True,
                     flow_threshold=c.flow_threshold, cellprob_threshold=c.cellprob_threshold,
                     min_size=c.min_size, max_size_fraction=c.max_size_fraction, niter=c.niter,
-                    augment=c.tta, tile_overlap=c.tile_overlap, batch_size=c.batch_size,
+                    augment=c.native_tta, tile_overlap=c.tile_overlap, batch_size=c.batch_size,
                     bsize=c.bsize,  # tiles as large as the training crops ("like in training", Cellpose docs)
                 )
                 masks = np.asarray(masks).reshape(img.shape).astype(np.int32)

@@ -375,7 +375,9 @@ class Detectron2MaskRCNN(TrainableAdapter):
     framework = "detectron2"
     framework_modules = ("detectron2", "detectron2.model_zoo")
     install_hint = "detectron2 has no PyPI package: make setup-detectron2 D2_SRC=<path or git URL of its official source>"
-    capabilities = Capabilities(predicts_classes=True, overlapping_masks=True)
+    capabilities = Capabilities(predicts_classes=True, overlapping_masks=True, tta=("flip",),
+                                tta_note="it resizes every image to its own fixed size (min_size_test), which undoes a "
+                                         "scale pass before the network sees it")
     Config = D2MaskRCNNConfig
     warm_start_name = WEIGHTS_FILE
     framework_keys = {

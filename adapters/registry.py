@@ -402,11 +402,24 @@ def make_config(name: str, preset: str = "default", overrides: dict[str, Any] | 
     values = preset_config(name, preset, config_root)
     values.update(overrides or {})
     try:
-        return cls.Config(**values)
+        cfg = cls.Config(**values)
     except ValidationError as e:
         where = (config_root or config_dir()) / f"{name}.yaml"
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '?'}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"model {name!r} (preset {preset!r}, {where} + options {overrides or {}}): {problems}") from None
+    _check_tta(name, cls, cfg)
+    return cfg
+
+
+def _check_tta(name: str, cls: type[Adapter], cfg: AdapterConfig) -> None:
+    """A ``tta`` the adapter cannot invert (its declared ``capabilities.tta``) is refused here,
+    before anything trains."""
+    from bench.tta import check_supported
+
+    try:
+        check_supported(name, cls.capabilities, getattr(cfg, "tta", "none"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def build(spec: str, classes, preset: str = "default", device: str = "cpu",

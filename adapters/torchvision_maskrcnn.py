@@ -108,7 +108,9 @@ class TorchvisionMaskRCNN(TrainableAdapter):
     framework = "torchvision"
     framework_modules = ("torch", "torchvision", "torchvision.ops")
     install_hint = 'pip install "torch===2.13.0" "torchvision==0.28.0"'
-    capabilities = Capabilities(predicts_classes=True, overlapping_masks=True)
+    capabilities = Capabilities(predicts_classes=True, overlapping_masks=True, tta=("flip",),
+                                tta_note="it resizes every image to its own fixed size (min_size), which undoes a "
+                                         "scale pass before the network sees it")
     Config = TorchvisionMaskRCNNConfig
     warm_start_name = "model.pt"
     framework_keys = {"iterations": "training loop length", "lr": "SGD/Adam lr", "batch_size": "images per step",

@@ -331,3 +331,4 @@ def report_cmd(runs: Optional[list[Path]] = typer.Argument(None, help="Run folde
 from bench import cli_extra, cli_sweep  # noqa: E402,F401  (register tune/predict/submit and sweep)
 from bench import cli_matches  # noqa: E402,F401  (register matches)
 from bench import cli_executor  # noqa: E402,F401  (register status)
+from bench import cli_ensemble  # noqa: E402,F401  (register ensemble and tta)

@@ -246,6 +246,8 @@ class ModelDir:
     checkpoint = property(lambda self: self.path / "checkpoint")
     checkpoint_tmp = property(lambda self: self.path / "checkpoint.tmp")
     predictions = property(lambda self: self.path / "predictions.jsonl.gz")
+    raw_outputs = property(lambda self: self.path / "raw_outputs.jsonl.gz")     # TTA passes before merging
+    ensemble_record = property(lambda self: self.path / "ensemble.json")        # bench ensemble: members, tuning
     fit_done = property(lambda self: self.path / "fit.done.json")
     predict_done = property(lambda self: self.path / "predict.done.json")
     metrics = property(lambda self: self.path / "metrics.json")

@@ -26,7 +26,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -68,6 +68,15 @@ class Stage(_Strict):
     note: str = ""
 
 
+class EnsembleSpec(_Strict):
+    """An ensemble variant: the given variants' models of each seed fused (``bench ensemble``)."""
+
+    members: list[str] = Field(min_length=2)
+    method: Literal["score-average", "mask-vote", "wbf-masks"] = "score-average"
+    weights: list[float] | None = None     # None: tuned by CV with the threshold (or equal, tune: false)
+    tune: bool = True                      # weights and fused score threshold by k-fold CV
+
+
 class Variant(_Strict):
     model: str | None = None          # None: the base model
     preset: str | None = None         # None: the sweep's preset
@@ -75,6 +84,17 @@ class Variant(_Strict):
     pretrain: list[Stage] = Field(default_factory=list)
     note: str = ""
     study: StudyFigure | None = None
+    ensemble: EnsembleSpec | None = None   # a fusion of other variants' models: trains nothing itself
+
+    @model_validator(mode="after")
+    def _ensemble_alone(self) -> "Variant":
+        if self.ensemble is not None and (self.model or self.preset or self.options or self.pretrain):
+            raise ValueError("an ensemble variant trains nothing: give its members, not model/preset/options/pretrain")
+        if self.ensemble is not None and self.ensemble.weights is not None \
+                and len(self.ensemble.weights) != len(self.ensemble.members):
+            raise ValueError(f"ensemble: {len(self.ensemble.weights)} weight(s) for "
+                             f"{len(self.ensemble.members)} members")
+        return self
 
     @property
     def in_sample(self) -> bool:
@@ -128,6 +148,10 @@ class SweepConfig(_Strict):
     def _reference(self) -> "SweepConfig":
         if self.reference not in self.variants:
             raise ValueError(f"reference variant {self.reference!r} is not among the variants")
+        for name, v in self.variants.items():
+            for m in (v.ensemble.members if v.ensemble else []):
+                if m not in self.variants or self.variants[m].ensemble is not None:
+                    raise ValueError(f"variant {name}: ensemble member {m!r} is not a (non-ensemble) variant")
         return self
 
 
@@ -195,6 +219,7 @@ def validate_plan(cfg: SweepConfig, where: Path, variants: list[str], preset: st
     unknown = [v for v in variants if v not in cfg.variants]
     if unknown:
         raise ConfigError(f"{where}: no variant(s) {unknown} (has {', '.join(cfg.variants)})")
+    variants = [v for v in variants if cfg.variants[v].ensemble is None]  # fusions: nothing to configure
     models = []
     for v in variants:
         try:
@@ -268,7 +293,7 @@ def run_sweep(config_path: str | Path, seeds: list[int] | None = None, preset: s
 
     config_path = Path(config_path)
     cfg = load_sweep(config_path)
-    chosen = variants or list(cfg.variants)
+    chosen = with_members(cfg, variants or list(cfg.variants))
     if out is None:
         if resume:
             found = [m.parent for m in sorted((results / "sweeps").glob(f"*/{SWEEP_FILE}"))
@@ -354,6 +379,8 @@ def _run_one(cfg: SweepConfig, v: str, seed: int, out: Path, data_path: str, bas
     from bench.runner.run import builtin_dataset, run_benchmark
 
     variant = cfg.variants[v]
+    if variant.ensemble is not None:
+        return _run_ensemble(cfg, v, seed, out, echo)
     model = variant_model(cfg, v)
     pre = variant_preset(cfg, v, preset)
     own = variant_options(cfg, v, sets, opts)
@@ -393,6 +420,57 @@ def _run_one(cfg: SweepConfig, v: str, seed: int, out: Path, data_path: str, bas
                                 timeout_s=timeout_s)
     o = outcomes[0]
     state.update(state=o.state, detail=o.detail, label=o.label)
+    return state
+
+
+def with_members(cfg: SweepConfig, chosen: list[str]) -> list[str]:
+    """The chosen variants plus the members of chosen ensembles, trained variants first."""
+    out = list(dict.fromkeys(chosen))
+    for v in list(out):
+        if v in cfg.variants and cfg.variants[v].ensemble is not None:
+            out += [m for m in cfg.variants[v].ensemble.members if m not in out]
+    return [v for v in out if v not in cfg.variants or cfg.variants[v].ensemble is None] + \
+        [v for v in out if v in cfg.variants and cfg.variants[v].ensemble is not None]
+
+
+def _run_ensemble(cfg: SweepConfig, v: str, seed: int, out: Path, echo) -> dict:
+    """An ensemble variant of one seed: its members' models of that seed fused into a run folder of
+    its own (a copy of the first member's manifest and the sweep's split), like any variant's."""
+    import shutil
+
+    from bench.ensemble import build_ensemble
+
+    spec = cfg.variants[v].ensemble
+    run = SweepDir(out).run(v, seed)
+    say = lambda msg: echo(f"[{v} seed {seed}] {msg}")  # noqa: E731
+    state: dict[str, Any] = {"variant": v, "seed": seed, "model": "ensemble", "label": v, "stages": [],
+                             "run_dir": str(run.path.relative_to(out))}
+    members = []
+    for m in spec.members:
+        done = [md for md in SweepDir(out).run(m, seed).models() if md.has_metrics()]
+        if not done:
+            state.update(state="failed", detail=f"member {m} (seed {seed}) has no finished model to fuse")
+            return state
+        members.append(done[0])
+    if run.model(v).has_metrics():
+        state.update(state="done", detail="")
+        return state
+    if not run.exists():
+        manifest = members[0].run.read_manifest()
+        manifest.models, manifest.configs, manifest.models_state = [v], {}, {}
+        manifest.command = f"ensemble of {', '.join(spec.members)} ({spec.method})"
+        run.mkdir()
+        shutil.copyfile(SweepDir(out).split, run.split)
+        run.write_manifest(manifest)
+    shutil.rmtree(run.model(v).path, ignore_errors=True)  # an unfinished fusion starts over
+    say(f"ensemble of {', '.join(spec.members)} ({spec.method})")
+    try:
+        build_ensemble(run.path, [str(md.path) for md in members], v, spec.method, spec.weights, spec.tune,
+                       seed=seed, echo=say)
+    except (ValueError, OSError) as e:
+        state.update(state="failed", detail=f"{type(e).__name__}: {e}")
+        return state
+    state.update(state="done", detail="")
     return state
 
 

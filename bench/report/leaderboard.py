@@ -39,7 +39,7 @@ def load_runs(run_dirs: list[Path]) -> list[dict]:
             if metrics is not None:
                 rec["metrics"] = metrics
                 rec["state"] = "done"
-            tuning = md.read_tuning()
+            tuning = md.read_tuning() or (metrics or {}).get("tuning")  # an ensemble's CV record
             if tuning is not None:
                 rec["tuning"] = tuning
             rows.append(rec)

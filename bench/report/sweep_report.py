@@ -39,7 +39,9 @@ def load_sweep_results(sweep_dir: Path) -> tuple[dict, list[dict]]:
     out = []
     for name in manifest.get("variants_run") or list(cfg["variants"]):
         v = cfg["variants"][name]
-        rec = {"variant": name, "model": v.get("model") or cfg["base"]["model"], "note": v.get("note", ""),
+        model = v.get("model") or (f"ensemble({'+'.join(v['ensemble']['members'])})" if v.get("ensemble")
+                                   else cfg["base"]["model"])
+        rec = {"variant": name, "model": model, "note": v.get("note", ""),
                "study": v.get("study"), "in_sample": any(st["data"] == "split:train+val"
                                                           for st in v.get("pretrain", [])),
                "runs": [], "states": []}

@@ -204,6 +204,18 @@ def run_benchmark(models: list[str], data: str | None = None, preset: str = "smo
                                      timeout_s)
 
 
+def _as_now(spec: str, config: dict) -> dict:
+    """A config recorded by an older cellbench as today's code reads it: an option added since
+    (e.g. ``tta``) takes its default and a renamed one its new name, so that resuming is not
+    refused for what the run never set."""
+    from bench.adapters import registry
+
+    try:
+        return registry.get(registry.parse_spec(spec)[0]).Config(**config).model_dump(mode="json")
+    except Exception:  # noqa: BLE001 - unreadable today: compared as recorded (and refused if it differs)
+        return config
+
+
 def _run_models(run: RunDir, manifest: Manifest, specs: list[str], configs: dict, plans: dict[str, DevicePlan],
                 data_path: str, split: dict, device: str, seed: int, echo, timeout_s) -> list[ModelOutcome]:
     """The models of a run, one worker each, under the run's lock."""
@@ -211,9 +223,9 @@ def _run_models(run: RunDir, manifest: Manifest, specs: list[str], configs: dict
         if spec not in manifest.models:
             manifest.models.append(spec)
             manifest.configs[spec] = configs[spec]
-        elif manifest.configs[spec] != configs[spec]:
-            changed = sorted(k for k in set(configs[spec]) | set(manifest.configs[spec])
-                             if configs[spec].get(k) != manifest.configs[spec].get(k))
+        elif _as_now(spec, manifest.configs[spec]) != configs[spec]:
+            old = _as_now(spec, manifest.configs[spec])
+            changed = sorted(k for k in set(configs[spec]) | set(old) if configs[spec].get(k) != old.get(k))
             raise ValueError(f"{run.path}: {spec} was started with another config (differs in {changed}); "
                              "start a new run instead of resuming")
     for spec in specs:

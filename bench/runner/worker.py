@@ -91,6 +91,7 @@ def main(model_dir: Path) -> int:
     from bench.data.predictions import read_predictions, write_predictions
     from bench.data.split import read_split
     from bench.metrics.evaluator import evaluate_predictions
+    from bench.tta import TTAPredictor, write_raw_outputs
 
     md = ModelDir(model_dir)
     job = md.read_job()
@@ -171,8 +172,10 @@ def main(model_dir: Path) -> int:
             s._image = s.image
         io_s = time.perf_counter() - t_io
         warmup = min(job.warmup, len(samples))
+        predictor = TTAPredictor(adapter.predict, getattr(cfg, "tta", "none"),  # plain predict unless tta
+                                 resolve_overlaps=not job.resolve_overlaps)
         for s in samples[:warmup]:
-            adapter.predict([s])
+            predictor(s, record=False)
         _sync(device)
         if device.startswith("cuda") and "torch" in sys.modules:
             import torch
@@ -181,25 +184,28 @@ def main(model_dir: Path) -> int:
         bar = Progress(f"{job.label} predict")
         # 1 (the default) times each image alone; a larger predict_batch_size times each call and
         # gives each of its images an equal share
-        batch = int(getattr(adapter.cfg, "predict_batch_size", 1) or 1)
+        # (TTA predicts image by image: its passes are the batch)
+        batch = 1 if predictor.active else int(getattr(adapter.cfg, "predict_batch_size", 1) or 1)
         preds, times = {}, []
         for start in range(0, len(samples), batch):
             chunk = samples[start:start + batch]
             t0 = time.perf_counter()
-            outs = adapter.predict(chunk)
+            outs = [predictor(s) for s in chunk] if predictor.active else adapter.predict(chunk)
             _sync(device)
             times += [(time.perf_counter() - t0) / len(chunk)] * len(chunk)
             preds.update({s.image_id: out for s, out in zip(chunk, outs)})
             bar(start + len(chunk), len(samples))
         bar.close()
         write_predictions(pred_path, preds, dataset.classes, {"model": job.spec, "split": split["hash"]})
+        if predictor.active:  # every pass, inverted, before merging: other merges need no inference
+            write_raw_outputs(md.raw_outputs, predictor.raw, dataset.classes, {"model": job.spec, "split": split["hash"]})
         md.write_predict_done(PredictDone(
             images=len(samples), warmup_images=warmup,
             infer_ms_per_image=1000 * float(np.mean(times)) if times else None,
             infer_ms_per_image_median=1000 * float(np.median(times)) if times else None,
             io_ms_per_image=1000 * io_s / max(len(samples), 1),
             peak_rss_mb=_rss_mb(), cuda_peak_mb=_cuda_peak_mb(device), device=device,
-            extra={"predict_batch_size": batch}))
+            extra={"predict_batch_size": batch, **predictor.timing()}))
 
     # ---- evaluate ----------------------------------------------------------------------
     if not md.has_metrics():
