@@ -138,7 +138,8 @@ class YoloSeg(TrainableAdapter):
     warm_start_name = WEIGHTS_FILE
     framework_keys = {"epochs": "epochs", "batch_size": "batch", "lr": "lr0", "optimizer": "optimizer (SGD/Adam/AdamW)",
                       "weight_decay": "weight_decay", "amp": "amp", "num_workers": "workers",
-                      "augment": "mosaic, fliplr/flipud, hsv_*, scale, translate, degrees, mixup"}
+                      "augment": "mosaic, fliplr/flipud, hsv_*, scale, translate, degrees, mixup",
+                      "eval_every": "only 0 (Ultralytics' trainer would validate on the benchmark's validation images)"}
 
     def __init__(self, cfg, classes, device="cpu"):
         super().__init__(cfg, classes, device)

@@ -36,11 +36,13 @@ def test_overhead_maskrcnn_tv_measures_both_sides(tmp_path):
 
 
 def test_overhead_skips_a_framework_that_is_not_installed(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(overhead.Detectron2Native, "available", lambda self: "detectron2 not importable (test)")
+    # torchvision is always installed, so the adapter itself is available and the native side's
+    # reason is the one that must come through, as given
+    monkeypatch.setattr(overhead.TorchvisionNative, "available", lambda self: "torchvision not importable (test)")
     out = tmp_path / "o.json"
-    assert overhead.main(["--adapters", "maskrcnn", "--in-process", "--out", str(out)]) == 0
+    assert overhead.main(["--adapters", "maskrcnn-tv", "--in-process", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
-    r = doc["adapters"]["maskrcnn"]
-    assert r["status"] == "skipped" and r["reason"] == "detectron2 not importable (test)"  # passed through as given
+    r = doc["adapters"]["maskrcnn-tv"]
+    assert r["status"] == "skipped" and r["reason"] == "torchvision not importable (test)"  # passed through as given
     assert doc["git"]["commit"] and "cpu_count" in doc["machine"]
-    assert "maskrcnn: skipped" in capsys.readouterr().out
+    assert "maskrcnn-tv: skipped" in capsys.readouterr().out
