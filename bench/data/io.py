@@ -349,6 +349,17 @@ def _key(v):
     return int(v) if isinstance(v, float) else v
 
 
+# image-entry fields that are COCO's own or ids/addresses, never per-image attributes
+_COCO_IMAGE_FIELDS = {"id", "file_name", "height", "width", "license", "coco_url", "flickr_url", "url",
+                      "date_captured", "original_filename", "original_file_name", "sample_id"}
+
+
+def _image_attrs(im: dict) -> dict[str, str]:
+    """Extra short string fields of a COCO image entry (DSB2018's ``modality``)."""
+    return {k: v for k, v in im.items()
+            if k not in _COCO_IMAGE_FIELDS and isinstance(v, str) and 0 < len(v.strip()) <= 100}
+
+
 def read_coco(json_path: str | Path, image_dir: str | Path | None = None, require_images: bool = True) -> Dataset:
     """COCO instance json (LIVECell, the shared Sartorius json): polygons and RLE, overlap kept.
 
@@ -403,6 +414,9 @@ def read_coco(json_path: str | Path, image_dir: str | Path | None = None, requir
         meta["group"] = livecell_group(fname) or sid or str(iid)
         if cl.size and (cl == cl[0]).all():
             meta["cell_type"] = classes[cl[0]]
+        attrs = _image_attrs(im)
+        if attrs:
+            meta["attrs"] = attrs  # e.g. DSB2018's modality (bench/data/attributes.py)
         samples.append(Sample(str(iid), Instances(int(im["height"]), int(im["width"]), g["counts"], cl), p, meta))
     return Dataset(json_path.stem, classes, samples, json_path.parent)
 

@@ -29,7 +29,7 @@ from bench.data.errors import DataError
 from bench.data.io import load_dataset
 from bench.data.normalize import InputPolicy
 from bench.preflight import require_preflight
-from bench.data.split import make_split, read_split, write_split
+from bench.data.split import make_split, read_split, split_note, write_split
 from bench.runner.devices import DeviceError, plan_model, resolve_device  # noqa: F401 (re-exported)
 from bench.store import DevicePlan, Job, Manifest, RunDir, RunLocked, model_label  # noqa: F401 (re-exported)
 
@@ -198,7 +198,7 @@ def run_benchmark(models: list[str], data: str | None = None, preset: str = "smo
             n_train=len(split["train"]), n_val=len(split["val"]), configs=dict(configs), train_on=train_on,
             packages=package_versions(), git_commit=git_commit(), python=sys.version.split()[0],
             host=platform.node(), platform=platform.platform(), cpu_count=os.cpu_count(),
-            gpu=_gpu_name(device), started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            gpu=_gpu_name(device), started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), extra=split_note(split))
         run.write_manifest(manifest)
         return run.path, _run_models(run, manifest, specs, configs, plans, data_path, split, device, seed, echo,
                                      timeout_s)
