@@ -187,13 +187,17 @@ def eval_cmd(gt: Path = typer.Option(..., "--gt", help="Sartorius folder or trai
              class_aware: bool = typer.Option(False, "--class-aware",
                                               help="COCO AP per predicted class (useCats=1) instead of "
                                                    "class-agnostic (LIVECell's way, the default)."),
-             seed: int = typer.Option(0, "--seed", help="Bootstrap seed.")):
+             seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+             breakdown: Optional[str] = typer.Option(None, "--breakdown", help="Per-image attribute (modality, "
+                                                     "cell_type, cell_line, ...): mAP, CI and counts per value.")):
     """Score predictions: Kaggle mAP (exact), COCO AP, per class and threshold, 95% CIs.
 
     Prediction ids are matched to the ground truth by image id, else by file name, else by file
     stem (one key for the whole file; the one used is printed and written to --json)."""
+    from bench.data.attributes import attribute_values
     from bench.data.io import load_dataset
     from bench.data.predictions import load_predictions_for
+    from bench.metrics.breakdown import breakdown_table
     from bench.metrics.evaluator import evaluate_predictions
     from bench.report.tables import eval_table
     from bench.util import atomic_write_json
@@ -203,13 +207,16 @@ def eval_cmd(gt: Path = typer.Option(..., "--gt", help="Sartorius folder or trai
         ds = load_dataset(gt, require_images=False)
         preds, matched_by = load_predictions_for(pred, ds, ds.classes)
         gtd = {s.image_id: (s.instances, s.cell_type(ds.classes)) for s in ds}
+        bd = (breakdown, attribute_values(ds, breakdown)) if breakdown else None
         res = evaluate_predictions(gtd, preds, ds.classes, resolve_overlaps=resolve_overlaps, max_dets=max_dets,
-                                   class_aware_coco=class_aware, seed=seed)
+                                   class_aware_coco=class_aware, seed=seed, breakdown=bd)
     except (DataError, OSError, ValueError) as e:
         _fail(e)
     res["matched_by"] = matched_by
     typer.echo(f"predictions of {len(preds)} image(s) matched to the ground truth by {matched_by}")
     typer.echo(eval_table(res))
+    if "breakdown" in res:
+        typer.echo("\n" + breakdown_table(res["breakdown"]))
     if json_out:
         try:
             atomic_write_json(json_out, res)
@@ -281,7 +288,9 @@ def run_cmd(models: str = typer.Option(..., "--models", help="Comma-separated sp
 @app.command("report")
 def report_cmd(runs: Optional[list[Path]] = typer.Argument(None, help="Run folders (default: the latest), "
                                                                       "or one sweep folder."),
-               out: Path = typer.Option(Path("results"), "--out", help="Where leaderboard.* and plots go.")):
+               out: Path = typer.Option(Path("results"), "--out", help="Where leaderboard.* and plots go."),
+               breakdown: Optional[str] = typer.Option(None, "--breakdown", help="Also per value of a per-image "
+                                                       "attribute (modality, cell_type, cell_line, ...).")):
     """Leaderboard (md, csv, html) and PNG plots from one or more runs, or a sweep's report."""
     from bench.report.leaderboard import write_report
     from bench.runner.run import latest_run
@@ -305,7 +314,7 @@ def report_cmd(runs: Optional[list[Path]] = typer.Argument(None, help="Run folde
             _fail(FileNotFoundError("no run found in results/runs: run `bench run` first"))
         runs = [last]
     try:
-        paths = write_report(runs, out)
+        paths = write_report(runs, out, breakdown)
     except (DataError, OSError, ValueError) as e:
         _fail(e)
     for p in paths:

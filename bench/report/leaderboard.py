@@ -160,7 +160,8 @@ def markdown_table(rows: list[dict], classes: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dirs: list[Path], out: Path) -> list[Path]:
+def write_report(run_dirs: list[Path], out: Path, breakdown: str | None = None) -> list[Path]:
+    """``breakdown``: also the leaderboard per value of that per-image attribute (breakdown_report)."""
     rows_raw = load_runs(run_dirs)
     if not rows_raw:
         raise ValueError(f"no models in {', '.join(map(str, run_dirs))}")
@@ -186,8 +187,15 @@ def write_report(run_dirs: list[Path], out: Path) -> list[Path]:
               "Kaggle mAP: the competition metric (IoU > t, t = 0.50..0.95, mean over images), 95% bootstrap CI "
               "over images. 'vs best': paired bootstrap on the same images (worse = the difference's 95% CI "
               "excludes 0).\n\n")
-    md = header + markdown_table(rows, classes) + "\n\n" + "\n".join(
-        f"![{p.stem}]({p.name})" for p in pngs) + "\n"
+    section = ""
+    if breakdown:
+        from bench.report import breakdown_report
+
+        section, files = breakdown_report.write(rows, breakdown, out)
+        written += files
+        pngs += [f for f in files if f.suffix == ".png"]
+    md = header + markdown_table(rows, classes) + "\n\n" + section + "\n".join(
+        f"![{p.stem}]({p.name})" for p in pngs if p.stem != f"breakdown_{breakdown}") + "\n"
     atomic_write_text(out / "leaderboard.md", md)
     written.append(out / "leaderboard.md")
 
@@ -200,7 +208,7 @@ def write_report(run_dirs: list[Path], out: Path) -> list[Path]:
     atomic_write_text(out / "leaderboard.csv", buf.getvalue())
     written.append(out / "leaderboard.csv")
 
-    atomic_write_text(out / "leaderboard.html", _html(header, rows, classes, pngs))
+    atomic_write_text(out / "leaderboard.html", _html(header + section, rows, classes, pngs))
     written.append(out / "leaderboard.html")
     return written
 
