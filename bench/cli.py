@@ -74,7 +74,9 @@ def data_check(data: Path = typer.Argument(..., help="Sartorius folder/csv, COCO
     typer.echo(f"ok: {s['images']} images, {s['masks']} masks, classes {', '.join(s['classes'])}; "
                f"{100 * s['overlapping_pixel_fraction']:.2f}% of annotated pixels are in overlapping masks"
                + (f"; {s['duplicate_masks']} masks repeat another mask of their image (kept)"
-                  if s["duplicate_masks"] else ""))
+                  if s["duplicate_masks"] else "")
+               + (f"; {len(s['label_gaps'])} label image(s) have gaps in their ids (accepted: one cell per "
+                  f"label), e.g. {s['label_gaps'][0]}" if s.get("label_gaps") else ""))
 
 
 @data_app.command("stats")
@@ -263,7 +265,11 @@ def run_cmd(models: str = typer.Option(..., "--models", help="Comma-separated sp
             val: float = typer.Option(0.2, "--val", help="Validation fraction of the split."),
             timeout: Optional[float] = typer.Option(None, "--timeout", min=1,
                                                     help="Seconds per model (fit + predict + score); a model "
-                                                         "past it is stopped and reported as timed out.")):
+                                                         "past it is stopped and reported as timed out."),
+            skip_bad: bool = typer.Option(False, "--skip-bad", help="Drop images that cannot be read (missing, "
+                                                                    "corrupt, wrong size) instead of refusing the "
+                                                                    "run; each is printed and listed in the "
+                                                                    "manifest.")):
     """Train and score models on one split; each model in its own process. Exit code = failed models."""
     from bench.adapters.registry import ConfigError, compose_specs
     from bench.runner.run import RunInterrupted, run_benchmark, summary_table
@@ -272,7 +278,8 @@ def run_cmd(models: str = typer.Option(..., "--models", help="Comma-separated sp
         specs = compose_specs(models, opts, sets)  # every name, key and value checked before anything runs
         if data is not None and not Path(data).exists():
             raise DataError(data, "dataset path does not exist")
-        run_dir, outcomes = run_benchmark(specs, data, preset, device, seed, out, resume, val, timeout_s=timeout)
+        run_dir, outcomes = run_benchmark(specs, data, preset, device, seed, out, resume, val, timeout_s=timeout,
+                                          skip_bad=skip_bad)
     except RunInterrupted as e:  # the worker was stopped and recorded as interrupted: --resume continues
         typer.secho(f"stopped: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(130)

@@ -111,7 +111,7 @@ def main(model_dir: Path) -> int:
 
         torch.cuda.set_device(torch.device(device))  # cuda:N everywhere, also where an adapter says "cuda"
 
-    dataset = load_dataset(job.data)
+    dataset = load_dataset(job.data, require_images=False)  # the parent's preflight read every image of the split
     split = read_split(run.split, dataset)
     train, val = dataset.subset(split["train"]), dataset.subset(split["val"])
     if job.train_on == "train+val":  # a sweep stage that retrains on everything (scores are in-sample)

@@ -1,0 +1,115 @@
+"""Issue 14's remaining bad inputs: RGBA images with an unusual alpha, label images with gaps in
+their ids, and ``bench run --skip-bad`` (unreadable images reported, skipped and listed in the
+manifest; without it the run is refused naming every file)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from bench.cli import app
+from bench.data.errors import DataError
+from bench.data.io import read_image, read_label_folder
+
+FAKE = str(Path(__file__).parent / "plugins" / "fake_adapter.py")
+
+
+def _rgba(path: Path, alpha: np.ndarray, grey: np.ndarray | None = None) -> np.ndarray:
+    h, w = alpha.shape
+    g = np.random.default_rng(0).integers(0, 255, (h, w), dtype=np.uint8) if grey is None else grey
+    img = np.dstack([g, g, g, alpha]).astype(np.uint8)
+    Image.fromarray(img, "RGBA").save(path)
+    return g
+
+
+def test_opaque_rgba_is_read_silently(tmp_path):
+    g = _rgba(tmp_path / "a.png", np.full((8, 10), 255, np.uint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        img = read_image(tmp_path / "a.png")
+    assert img.shape == (8, 10, 3) and (img[..., 0] == g).all()
+
+
+def test_unusual_alpha_warns_naming_the_file_and_keeps_the_colours(tmp_path):
+    alpha = np.full((8, 10), 255, np.uint8)
+    alpha[:4] = 0  # half transparent
+    g = _rgba(tmp_path / "half.png", alpha)
+    with pytest.warns(UserWarning, match=r"half\.png: RGBA image with an unusual alpha channel \(0\.\.255, 50\.0%"):
+        img = read_image(tmp_path / "half.png")
+    assert (img[..., 1] == g).all()  # used as stored, not composited onto black
+    _rgba(tmp_path / "dim.png", np.full((8, 10), 128, np.uint8))
+    with pytest.warns(UserWarning, match=r"dim\.png: .*128\.\.128, 100\.0%"):
+        read_image(tmp_path / "dim.png")
+
+
+def test_picture_in_the_alpha_channel_is_an_error(tmp_path):
+    alpha = np.random.default_rng(1).integers(0, 255, (8, 10)).astype(np.uint8)
+    _rgba(tmp_path / "alpha_only.png", alpha, grey=np.zeros((8, 10), np.uint8))
+    with pytest.raises(DataError, match=r"alpha_only\.png: RGBA image with blank colour channels .* alpha"):
+        read_image(tmp_path / "alpha_only.png")
+
+
+def test_label_image_with_gaps_is_accepted_and_reported_by_check(tmp_path):
+    lab = np.zeros((16, 16), np.uint16)
+    lab[2:5, 2:5], lab[8:12, 8:12], lab[12:15, 1:4] = 1, 7, 3  # ids 1, 3, 7: 2, 4, 5, 6 unused
+    Image.fromarray(lab).save(tmp_path / "x_masks.png")
+    Image.fromarray(np.full((16, 16), 100, np.uint8)).save(tmp_path / "x.png")
+    ds = read_label_folder(tmp_path)
+    inst = ds.samples[0].instances
+    assert len(inst) == 3 and sorted(inst.areas.tolist()) == [9, 9, 16]
+    assert ds.samples[0].meta["label_gaps"] == {"max_label": 7, "cells": 3}
+    r = CliRunner().invoke(app, ["data", "check", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "1 label image(s) have gaps in their ids (accepted" in r.output and "x_masks.png" in r.output
+
+
+@pytest.fixture()
+def damaged(tmp_path, tiny_synth):
+    """The tiny synthetic set with three training images damaged: one truncated, one deleted and
+    one of another size."""
+    import shutil
+
+    from bench.data.io import load_dataset
+    from bench.data.split import make_split
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_synth, data)
+    train = make_split(load_dataset(data), 0.2, 0)["train"]
+    pngs = [data / "train" / f"{i}.png" for i in train[:3]]
+    pngs[0].write_bytes(pngs[0].read_bytes()[:100])
+    pngs[1].unlink()
+    Image.fromarray(np.zeros((7, 9), np.uint8)).save(pngs[2])
+    return data, [p.stem for p in pngs[:3]]
+
+
+def test_skip_bad_runs_on_the_rest_and_lists_what_it_skipped(tmp_path, damaged, monkeypatch):
+    from bench.adapters import registry
+
+    monkeypatch.setenv("CELLBENCH_PLUGINS", FAKE)
+    registry.load_plugins()
+    data, bad = damaged
+    r = CliRunner().invoke(app, ["run", "--models", "fake", "--data", str(data), "--out", str(tmp_path / "refused"),
+                                 "--device", "cpu"])
+    assert r.exit_code == 2 and not (tmp_path / "refused").exists()
+    assert bad[1] in r.output and "is missing" in r.output  # the reader stops at the missing image, named
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["run", "--models", "fake", "--data", str(data), "--out", str(out),
+                                 "--device", "cpu", "--skip-bad"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("skipped (--skip-bad)") == 3
+    manifest = json.loads((out / "manifest.json").read_text())
+    skipped = {d["id"]: d["problem"] for d in manifest["skipped_images"]}
+    assert set(skipped) == set(bad)
+    assert "missing" in skipped[bad[1]] and "cannot read image" in skipped[bad[0]]
+    assert "7x9" in skipped[bad[2]] or "9x7" in skipped[bad[2]]
+    split = json.loads((out / "split.json").read_text())
+    assert not set(bad) & set(split["train"] + split["val"]) and len(split["train"] + split["val"]) == 9
+    assert manifest["split_hash"] == split["hash"] and manifest["n_train"] + manifest["n_val"] == 9
+    metrics = json.loads((out / "models" / "fake" / "metrics.json").read_text())
+    assert metrics["n_images"] == len(split["val"]) and metrics["kaggle_map"] == pytest.approx(1.0)
