@@ -113,3 +113,62 @@ def test_skip_bad_runs_on_the_rest_and_lists_what_it_skipped(tmp_path, damaged, 
     assert manifest["split_hash"] == split["hash"] and manifest["n_train"] + manifest["n_val"] == 9
     metrics = json.loads((out / "models" / "fake" / "metrics.json").read_text())
     assert metrics["n_images"] == len(split["val"]) and metrics["kaggle_map"] == pytest.approx(1.0)
+
+
+def test_predict_on_real_uint16_tiff_and_rgba_png_scores_against_its_ground_truth(tmp_path, shared):
+    """``bench predict`` on real images (usiigaci's uint16 phase-contrast TIFFs, a DSB2018 RGBA PNG)
+    reads them through the same reader and input policy as ``bench run``: its masks for the
+    validation image equal the run's own predictions, its uint16 label TIFFs and overlays are
+    written, and its output scores against the folder's ground truth (matched by id)."""
+    import shutil
+
+    import tifffile
+
+    from bench.data.predictions import read_predictions
+    from bench.runner.run import run_benchmark
+
+    usi, dsb = shared / "usiigaci_phase", shared / "dsb2018_native_sample" / "stage1_train"
+    if not usi.is_dir() or not dsb.is_dir():
+        pytest.skip("no usiigaci_phase / dsb2018_native_sample in ../shared/data")
+    data = tmp_path / "usi"
+    data.mkdir()
+    for stem in ("set01", "set02", "set03"):
+        for suffix in (".tif", "_masks.png"):
+            shutil.copy(usi / f"{stem}{suffix}", data / f"{stem}{suffix}")
+    assert tifffile.imread(data / "set01.tif").dtype == np.uint16
+    run_dir, out = run_benchmark(["watershed"], str(data), "smoke", "cpu", 0, tmp_path / "run",
+                                 results=tmp_path / "results", echo=lambda *_: None)
+    assert out[0].state == "done"
+    run_preds, _ = read_predictions(run_dir / "models" / "watershed" / "predictions.jsonl.gz")
+
+    images = tmp_path / "images"
+    shutil.copytree(data, images, ignore=shutil.ignore_patterns("*_masks.png"))
+    pred_out = tmp_path / "pred"
+    r = CliRunner().invoke(app, ["predict", "--run", str(run_dir), "--model", "watershed", "--images", str(images),
+                                 "--out", str(pred_out), "--raw", "--label-format", "tif", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    preds, _ = read_predictions(pred_out / "predictions.jsonl.gz")
+    assert sorted(preds) == ["set01", "set02", "set03"]
+    for iid, p in run_preds.items():  # the validation image: the same masks both ways
+        assert [c.tolist() for c in preds[iid].counts] == [c.tolist() for c in p.counts]
+    for iid, p in preds.items():
+        lab = tifffile.imread(pred_out / "labels" / f"{iid}.tif")
+        assert lab.dtype == np.uint16 and lab.shape == (1022, 1024) == (p.height, p.width)
+        assert len(np.unique(lab)) - 1 == len(p) > 0
+        ov = np.asarray(Image.open(pred_out / "overlays" / f"{iid}.png"))
+        assert ov.shape == (1022, 1024, 3) and ov.dtype == np.uint8
+    r = CliRunner().invoke(app, ["eval", "--gt", str(data), "--pred", str(pred_out / "predictions.jsonl.gz")])
+    assert r.exit_code == 0, r.output
+    assert "matched to the ground truth by image id" in r.output and "images: 3" in r.output
+
+    png = tmp_path / "png"  # a real DSB2018 PNG (RGBA, opaque alpha: read silently)
+    png.mkdir()
+    first = sorted(dsb.iterdir())[0]
+    shutil.copy(first / "images" / f"{first.name}.png", png / f"{first.name}.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        r = CliRunner().invoke(app, ["predict", "--run", str(run_dir), "--model", "watershed", "--images",
+                                     str(png), "--out", str(tmp_path / "pred_png"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    lab = np.asarray(Image.open(tmp_path / "pred_png" / "labels" / f"{first.name}.png"))
+    assert lab.dtype == np.uint16 and lab.max() > 0
