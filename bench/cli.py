@@ -297,7 +297,8 @@ def report_cmd(runs: Optional[list[Path]] = typer.Argument(None, help="Run folde
                                                                       "or one sweep folder."),
                out: Path = typer.Option(Path("results"), "--out", help="Where leaderboard.* and plots go."),
                breakdown: Optional[str] = typer.Option(None, "--breakdown", help="Also per value of a per-image "
-                                                       "attribute (modality, cell_type, cell_line, ...).")):
+                                                       "attribute (modality, cell_type, cell_line, ...; auto: the one the "
+                                                       "split is stratified by, if not cell_type).")):
     """Leaderboard (md, csv, html) and PNG plots from one or more runs, or a sweep's report."""
     from bench.report.leaderboard import write_report
     from bench.runner.run import latest_run

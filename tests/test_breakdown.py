@@ -156,3 +156,33 @@ def test_report_breakdown_equals_the_evaluators_per_class(tmp_path, tiny_synth, 
     assert "Kaggle mAP by cell_type" in md and "breakdown_cell_type.png" in md
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["split_stratified_by"] == "cell_type"  # Manifest keeps extra keys at the top level
+    paths = write_report([run_dir], tmp_path / "report3", breakdown="auto")  # cell type: the columns show it
+    assert not any(p.name.startswith("breakdown_") for p in paths)
+
+
+def test_report_breakdown_auto_follows_the_split(tmp_path, monkeypatch):
+    """``--breakdown auto`` breaks a modality-stratified run down by modality, and adds nothing
+    where the split is stratified by cell type (the per-class columns show that already)."""
+    from bench.adapters import registry
+    from bench.report.leaderboard import write_report
+    from bench.runner.run import run_benchmark
+    from PIL import Image
+
+    monkeypatch.setenv("CELLBENCH_PLUGINS", str(Path(__file__).parent / "plugins" / "fake_adapter.py"))
+    registry.load_plugins()
+    gt = write_coco(tmp_path / "data", MODS)
+    (tmp_path / "data" / "images").mkdir()
+    for k in range(1, len(MODS) + 1):
+        Image.fromarray(np.full((H, W), 40 * (k % 5), np.uint8)).save(tmp_path / "data" / "images" / f"img{k}.png")
+    run_dir, _ = run_benchmark(["fake:mode=drop_half"], str(gt), "smoke", "cpu", 0, tmp_path / "run",
+                               results=tmp_path / "results", echo=lambda *_: None)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["split_stratified_by"] == "modality" and "split_note" in manifest
+    paths = write_report([run_dir], tmp_path / "report", breakdown="auto")
+    assert "breakdown_modality.csv" in {p.name for p in paths}
+    rows = list(csv.DictReader((tmp_path / "report" / "breakdown_modality.csv").open()))
+    assert sorted(r["value"] for r in rows) == ["brightfield", "fluorescence", "histology"]
+    assert sum(int(r["n_images"]) for r in rows) == manifest["n_val"]
+    assert "Kaggle mAP by modality" in (tmp_path / "report" / "leaderboard.md").read_text()
+    paths = write_report([run_dir], tmp_path / "report2", breakdown="cell_type")
+    assert "breakdown_cell_type.csv" in {p.name for p in paths}

@@ -115,10 +115,31 @@ def plot(bds: dict[str, dict], attribute: str, path: Path) -> Path:
     return _save(fig, path)
 
 
+def resolve_auto(rows: list[dict]) -> str | None:
+    """``--breakdown auto``: the attribute the run's dataset is stratified by (DSB2018: modality);
+    None where that is ``cell_type``, which the leaderboard's per-class columns already show."""
+    from bench.data.attributes import default_stratify
+    from bench.data.io import load_dataset
+
+    run = next((x for r in rows if r["state"] == "done" for x in r["runs"]), None)
+    if run is None:
+        return None
+    m = run["manifest"]
+    by = m.get("split_stratified_by")
+    if by is None and m.get("data") and Path(m["data"]).exists():
+        by = default_stratify(load_dataset(m["data"], require_images=False))
+    return None if by in (None, "cell_type") else by
+
+
 def write(rows: list[dict], attribute: str, out: Path) -> tuple[str, list[Path]]:
-    """The markdown section and the files (``breakdown_<attr>.csv`` and ``.png``) for the report."""
+    """The markdown section and the files (``breakdown_<attr>.csv`` and ``.png``) for the report;
+    ``attribute`` "auto": see :func:`resolve_auto`."""
     from bench.util import atomic_write_text
 
+    if attribute == "auto":
+        attribute = resolve_auto(rows)
+        if attribute is None:
+            return "", []
     bds = model_breakdowns(rows, attribute)
     if not bds:
         return "", []

@@ -195,7 +195,7 @@ def write_report(run_dirs: list[Path], out: Path, breakdown: str | None = None) 
         written += files
         pngs += [f for f in files if f.suffix == ".png"]
     md = header + markdown_table(rows, classes) + "\n\n" + section + "\n".join(
-        f"![{p.stem}]({p.name})" for p in pngs if p.stem != f"breakdown_{breakdown}") + "\n"
+        f"![{p.stem}]({p.name})" for p in pngs if not p.stem.startswith("breakdown_")) + "\n"
     atomic_write_text(out / "leaderboard.md", md)
     written.append(out / "leaderboard.md")
 
