@@ -172,3 +172,31 @@ def test_predict_on_real_uint16_tiff_and_rgba_png_scores_against_its_ground_trut
     assert r.exit_code == 0, r.output
     lab = np.asarray(Image.open(tmp_path / "pred_png" / "labels" / f"{first.name}.png"))
     assert lab.dtype == np.uint16 and lab.max() > 0
+
+
+def test_skip_bad_leaves_out_dsb_ids_with_an_empty_mask_or_a_missing_image(tmp_path, monkeypatch):
+    from test_dsb_native import write_native
+
+    from bench.adapters import registry
+
+    monkeypatch.setenv("CELLBENCH_PLUGINS", FAKE)
+    registry.load_plugins()
+    ids = tuple(f"id{k}" for k in range(8))
+    write_native(tmp_path / "dsb", ids=ids, overlap=False)
+    root = tmp_path / "dsb" / "stage1_train"
+    empty = root / "id2" / "masks" / "m1.png"
+    Image.fromarray(np.zeros((24, 32), np.uint8)).save(empty)
+    (root / "id5" / "images" / "id5.png").unlink()
+    args = ["run", "--models", "fake", "--data", str(tmp_path / "dsb"), "--device", "cpu"]
+    r = CliRunner().invoke(app, args + ["--out", str(tmp_path / "refused")])
+    assert r.exit_code == 2 and "m1.png" in r.output and "empty" in r.output
+    r = CliRunner().invoke(app, args + ["--out", str(tmp_path / "run"), "--skip-bad"])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    skipped = {d["id"]: d["problem"] for d in manifest["skipped_images"]}
+    assert set(skipped) == {"id2", "id5"}
+    assert str(empty) in skipped["id2"] and "empty" in skipped["id2"] and "missing" in skipped["id5"]
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert sorted(split["train"] + split["val"]) == [i for i in ids if i not in ("id2", "id5")]
+    assert {d["id"] for d in split["skipped"]} == {"id2", "id5"}
+    assert json.loads((tmp_path / "run" / "models" / "fake" / "metrics.json").read_text())["kaggle_map"] == 1.0

@@ -477,8 +477,9 @@ def read_label_folder(folder: str | Path, class_name: str = "cell") -> Dataset:
 # auto-detection
 # ---------------------------------------------------------------------------
 
-def load_dataset(path: str | Path, require_images: bool = True) -> Dataset:
-    """Any dataset cellbench reads, by what the path looks like."""
+def load_dataset(path: str | Path, require_images: bool = True, bad: list[tuple[str, str]] | None = None) -> Dataset:
+    """Any dataset cellbench reads, by what the path looks like. ``bad``: where a reader can leave a
+    broken image out (DSB2018's per-id folders), it does and appends ``(id, problem)``."""
     path = Path(path)
     if path.suffix == ".json":
         return read_coco(path, require_images=require_images)
@@ -488,7 +489,7 @@ def load_dataset(path: str | Path, require_images: bool = True) -> Dataset:
         from bench.data.dsb import dsb_root, read_dsb_native
 
         if dsb_root(path) is not None:  # DSB2018 native: stage1_train/<id>/{images,masks}/
-            return read_dsb_native(path, require_images=require_images)
+            return read_dsb_native(path, require_images=require_images, bad=bad)
         jsons = sorted(path.glob("*.json"))
         if len(jsons) == 1:
             return read_coco(jsons[0], require_images=require_images)

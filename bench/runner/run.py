@@ -167,7 +167,8 @@ def run_benchmark(models: list[str], data: str | None = None, preset: str = "smo
         with run.lock():
             manifest = run.read_manifest()
             data_path = manifest.data
-            dataset = load_dataset(data_path, require_images=not manifest.extra.get("skipped_images"))
+            skipped = manifest.extra.get("skipped_images")
+            dataset = load_dataset(data_path, require_images=not skipped, bad=[] if skipped else None)
             split = read_split(run.split, dataset)
             require_preflight(dataset, split, run.path)
             if manifest.seed != seed or manifest.preset != preset:
@@ -179,11 +180,15 @@ def run_benchmark(models: list[str], data: str | None = None, preset: str = "smo
                                          echo, timeout_s)
 
     data_path = str(Path(data).resolve()) if data else str(builtin_dataset(preset, results / "cache").resolve())
-    dataset = load_dataset(data_path, require_images=not skip_bad)  # a missing image: skipped below
+    reader_bad: list[tuple[str, str]] = []  # ids a reader left out (--skip-bad: a DSB id with a bad mask)
+    dataset = load_dataset(data_path, require_images=not skip_bad, bad=reader_bad if skip_bad else None)
     split = read_split(split_file, dataset) if split_file else make_split(dataset, val_fraction, seed)
-    skipped: list[dict] = []
+    skipped: list[dict] = [{"id": i, "problem": why} for i, why in reader_bad]
     if skip_bad:
-        split, skipped = skip_bad_images(dataset, split)
+        split, more = skip_bad_images(dataset, split)  # missing, unreadable, wrongly sized images
+        skipped += more
+        if skipped:
+            split["skipped"] = skipped
         for d in skipped:
             echo(f"skipped (--skip-bad): {d['problem']}")
     if run is None:
