@@ -48,6 +48,16 @@ def write_coco(folder: Path, modalities: list[str | None]) -> Path:
 MODS = ["fluorescence"] * 14 + ["histology"] * 5 + ["brightfield"] * 3
 
 
+def write_coco_with_images(folder: Path) -> Path:
+    from PIL import Image
+
+    gt = write_coco(folder, MODS)
+    (folder / "images").mkdir()
+    for k in range(1, len(MODS) + 1):
+        Image.fromarray(np.full((H, W), 40 * (k % 5), np.uint8)).save(folder / "images" / f"img{k}.png")
+    return gt
+
+
 def test_coco_image_fields_become_attributes_and_missing_ones_are_named(tmp_path):
     ds = load_dataset(write_coco(tmp_path / "a", MODS), require_images=False)
     assert available_attributes(ds) == ["cell_type", "modality"]
@@ -166,14 +176,10 @@ def test_report_breakdown_auto_follows_the_split(tmp_path, monkeypatch):
     from bench.adapters import registry
     from bench.report.leaderboard import write_report
     from bench.runner.run import run_benchmark
-    from PIL import Image
 
     monkeypatch.setenv("CELLBENCH_PLUGINS", str(Path(__file__).parent / "plugins" / "fake_adapter.py"))
     registry.load_plugins()
-    gt = write_coco(tmp_path / "data", MODS)
-    (tmp_path / "data" / "images").mkdir()
-    for k in range(1, len(MODS) + 1):
-        Image.fromarray(np.full((H, W), 40 * (k % 5), np.uint8)).save(tmp_path / "data" / "images" / f"img{k}.png")
+    gt = write_coco_with_images(tmp_path / "data")
     run_dir, _ = run_benchmark(["fake:mode=drop_half"], str(gt), "smoke", "cpu", 0, tmp_path / "run",
                                results=tmp_path / "results", echo=lambda *_: None)
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -186,3 +192,25 @@ def test_report_breakdown_auto_follows_the_split(tmp_path, monkeypatch):
     assert "Kaggle mAP by modality" in (tmp_path / "report" / "leaderboard.md").read_text()
     paths = write_report([run_dir], tmp_path / "report2", breakdown="cell_type")
     assert "breakdown_cell_type.csv" in {p.name for p in paths}
+
+
+def test_models_of_two_runs_on_one_split_are_paired(tmp_path, monkeypatch):
+    """Two runs of the same split (same hash: same validation images) pair image by image in the
+    leaderboard's paired test; runs of different splits do not."""
+    from bench.adapters import registry
+    from bench.report.leaderboard import aggregate, load_runs
+    from bench.runner.run import run_benchmark
+
+    monkeypatch.setenv("CELLBENCH_PLUGINS", str(Path(__file__).parent / "plugins" / "fake_adapter.py"))
+    registry.load_plugins()
+    gt = write_coco_with_images(tmp_path / "data")
+    runs = [run_benchmark([m], str(gt), "smoke", "cpu", seed, tmp_path / name, results=tmp_path / "r",
+                          echo=lambda *_: None)[0]
+            for m, name, seed in (("fake", "a", 0), ("fake:mode=drop_half", "b", 0), ("fake:mode=drop_half", "c", 1))]
+    hashes = [json.loads((r / "manifest.json").read_text())["split_hash"] for r in runs]
+    assert hashes[0] == hashes[1] != hashes[2]
+    rows = {r["model"]: r for r in aggregate(load_runs(runs[:2]))}
+    assert rows["fake"]["vs_best"] == "best" and "paired" in rows["fake--mode=drop_half"]
+    assert rows["fake--mode=drop_half"]["paired"]["diff"] < 0  # it dropped cells: paired on the same images
+    rows = {r["model"]: r for r in aggregate(load_runs([runs[0], runs[2]]))}
+    assert rows["fake--mode=drop_half"]["vs_best"] == "n/a (no common run)"  # another split

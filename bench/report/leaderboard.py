@@ -98,8 +98,12 @@ def _paired_vs_best(rows: list[dict]) -> None:
         if r is best:
             r["vs_best"] = "best"
             continue
-        # same run, same images: the first run both models finished in
-        pair = next(((a, b) for a in r["runs"] for b in best["runs"] if a["run"] == b["run"]), None)
+        # same run, same images: the first run both models finished in; else two runs of one split
+        # (same split hash: the same validation images, so the images still pair)
+        pair = next(((a, b) for a in r["runs"] for b in best["runs"] if a["run"] == b["run"]), None) or next(
+            ((a, b) for a in r["runs"] for b in best["runs"]
+             if a["manifest"].get("split_hash") and a["manifest"].get("split_hash") == b["manifest"].get("split_hash")),
+            None)
         if pair is None:
             r["vs_best"] = "n/a (no common run)"
             continue
