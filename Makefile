@@ -10,7 +10,7 @@ SD_STAMP := $(SD_VENV)/.cellbench-setup
 TF_PKG   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'tensorflow[and-cuda]==2.15.1' || echo 'tensorflow-cpu==2.15.1')
 export MAX_JOBS ?= 2
 
-.PHONY: setup setup-stardist setup-detectron2 test test-gpu gpu-wheels gpu-check compare bench sweep-smoke clean-venv smoke
+.PHONY: setup setup-stardist setup-detectron2 test test-gpu gpu-wheels gpu-check compare compare-real bench sweep-smoke clean-venv smoke
 
 # everything a full `make compare` needs: the main .venv and StarDist's own environment
 setup: $(STAMP) $(SD_STAMP)
@@ -79,6 +79,19 @@ compare: setup
 	run=$$(ls -td results/runs/*/ | head -1); \
 	$(BIN)/bench tune "$$run" && $(BIN)/bench report "$$run"; \
 	exit $$rc
+
+# The real-data comparison (cpu presets, 2 cores): every dataset of DATA (default: both shared ones)
+# -> results/real/<dataset>/ (leaderboard, plots, breakdown by the attribute the split is stratified
+# by: DSB2018's modality). REAL_OPTS: more `bench run` options (e.g. --set iterations=100).
+REAL_DATA ?= ../shared/data/dsb2018/annotations.json ../shared/data/usiigaci_phase
+compare-real: $(STAMP)
+	@rc=0; for d in $(or $(DATA),$(REAL_DATA)); do \
+	  name=$$(basename $$d .json); [ "$$name" = annotations ] && name=$$(basename $$(dirname $$d)); \
+	  case $$name in usiigaci*) extra="--opt cascade.image_scale=0.375";; *) extra="";; esac; \
+	  run=results/runs/real-$$name-$$(date +%Y%m%d-%H%M%S); \
+	  $(BIN)/bench run --models $(MODELS) --data $$d --preset cpu --out $$run $$extra $(REAL_OPTS) || rc=$$?; \
+	  $(BIN)/bench tune $$run && $(BIN)/bench report $$run --out results/real/$$name --breakdown auto || rc=$$?; \
+	done; exit $$rc
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.benchmarks

@@ -21,7 +21,7 @@ _REGISTRY: dict[str, type[Adapter]] = {}
 # adapter modules import their framework lazily, so importing them all is cheap
 _MODULES = ("watershed", "torchvision_maskrcnn", "cellpose", "mmdet_cascade", "detectron2_maskrcnn",
             "stardist", "ultralytics_yolo")
-PRESETS = ("smoke", "default", "paper")
+PRESETS = ("smoke", "cpu", "default", "paper")
 
 
 class ConfigError(ValueError):

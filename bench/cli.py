@@ -74,7 +74,9 @@ def data_check(data: Path = typer.Argument(..., help="Sartorius folder/csv, COCO
     typer.echo(f"ok: {s['images']} images, {s['masks']} masks, classes {', '.join(s['classes'])}; "
                f"{100 * s['overlapping_pixel_fraction']:.2f}% of annotated pixels are in overlapping masks"
                + (f"; {s['duplicate_masks']} masks repeat another mask of their image (kept)"
-                  if s["duplicate_masks"] else ""))
+                  if s["duplicate_masks"] else "")
+               + (f"; {len(s['label_gaps'])} label image(s) have gaps in their ids (accepted: one cell per "
+                  f"label), e.g. {s['label_gaps'][0]}" if s.get("label_gaps") else ""))
 
 
 @data_app.command("stats")
@@ -195,14 +197,19 @@ def eval_cmd(gt: Path = typer.Option(..., "--gt", help="Sartorius folder or trai
                                                                   "have it)."),
              remove_boundary_cells: bool = typer.Option(False, "--remove-boundary-cells",
                                                         help="Also report F1 with NeurIPS-CellSeg's removal "
-                                                             "of cells touching the image's 2-pixel border.")):
+                                                             "of cells touching the image's 2-pixel border."),
+             breakdown: Optional[str] = typer.Option(None, "--breakdown", help="Per-image attribute (modality, "
+                                                     "cell_type, cell_line, ...): mAP, CI and counts per value.")):
     """Score predictions: Kaggle mAP (exact), COCO AP, F1/PQ/AJI/mean matched IoU, per class and
-    threshold, the error taxonomy, 95% CIs (clustered by sample/well where images come in groups).
+    threshold, the error taxonomy, 95% CIs (clustered by sample/well where images come in groups),
+    and per value of a per-image attribute with --breakdown.
 
     Prediction ids are matched to the ground truth by image id, else by file name, else by file
     stem (one key for the whole file; the one used is printed and written to --json)."""
+    from bench.data.attributes import attribute_values
     from bench.data.io import load_dataset
     from bench.data.predictions import load_predictions_for
+    from bench.metrics.breakdown import breakdown_table
     from bench.metrics.evaluator import evaluate_predictions
     from bench.report.tables import eval_table
     from bench.util import atomic_write_json
@@ -215,14 +222,17 @@ def eval_cmd(gt: Path = typer.Option(..., "--gt", help="Sartorius folder or trai
         from bench.metrics.resample import cluster_option
 
         groups, attr = cluster_option(ds, cluster)
+        bd = (breakdown, attribute_values(ds, breakdown)) if breakdown else None
         res = evaluate_predictions(gtd, preds, ds.classes, resolve_overlaps=resolve_overlaps, max_dets=max_dets,
                                    class_aware_coco=class_aware, seed=seed, groups=groups, cluster=attr,
-                                   remove_boundary_cells=remove_boundary_cells)
+                                   remove_boundary_cells=remove_boundary_cells, breakdown=bd)
     except (DataError, OSError, ValueError) as e:
         _fail(e)
     res["matched_by"] = matched_by
     typer.echo(f"predictions of {len(preds)} image(s) matched to the ground truth by {matched_by}")
     typer.echo(eval_table(res))
+    if "breakdown" in res:
+        typer.echo("\n" + breakdown_table(res["breakdown"]))
     if json_out:
         try:
             atomic_write_json(json_out, res)
@@ -272,7 +282,11 @@ def run_cmd(models: str = typer.Option(..., "--models", help="Comma-separated sp
             val: float = typer.Option(0.2, "--val", help="Validation fraction of the split."),
             timeout: Optional[float] = typer.Option(None, "--timeout", min=1,
                                                     help="Seconds per model (fit + predict + score); a model "
-                                                         "past it is stopped and reported as timed out.")):
+                                                         "past it is stopped and reported as timed out."),
+            skip_bad: bool = typer.Option(False, "--skip-bad", help="Drop images that cannot be read (missing, "
+                                                                    "corrupt, wrong size) instead of refusing the "
+                                                                    "run; each is printed and listed in the "
+                                                                    "manifest.")):
     """Train and score models on one split; each model in its own process. Exit code = failed models."""
     from bench.adapters.registry import ConfigError, compose_specs
     from bench.runner.run import RunInterrupted, run_benchmark, summary_table
@@ -281,7 +295,8 @@ def run_cmd(models: str = typer.Option(..., "--models", help="Comma-separated sp
         specs = compose_specs(models, opts, sets)  # every name, key and value checked before anything runs
         if data is not None and not Path(data).exists():
             raise DataError(data, "dataset path does not exist")
-        run_dir, outcomes = run_benchmark(specs, data, preset, device, seed, out, resume, val, timeout_s=timeout)
+        run_dir, outcomes = run_benchmark(specs, data, preset, device, seed, out, resume, val, timeout_s=timeout,
+                                          skip_bad=skip_bad)
     except RunInterrupted as e:  # the worker was stopped and recorded as interrupted: --resume continues
         typer.secho(f"stopped: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(130)
@@ -297,7 +312,10 @@ def run_cmd(models: str = typer.Option(..., "--models", help="Comma-separated sp
 @app.command("report")
 def report_cmd(runs: Optional[list[Path]] = typer.Argument(None, help="Run folders (default: the latest), "
                                                                       "or one sweep folder."),
-               out: Path = typer.Option(Path("results"), "--out", help="Where leaderboard.* and plots go.")):
+               out: Path = typer.Option(Path("results"), "--out", help="Where leaderboard.* and plots go."),
+               breakdown: Optional[str] = typer.Option(None, "--breakdown", help="Also per value of a per-image "
+                                                       "attribute (modality, cell_type, cell_line, ...; auto: the one the "
+                                                       "split is stratified by, if not cell_type).")):
     """Leaderboard (md, csv, html), PNG plots and the interactive report.html from one or more runs, or a sweep's report."""
     from bench.report.leaderboard import write_report
     from bench.runner.run import latest_run
@@ -321,7 +339,7 @@ def report_cmd(runs: Optional[list[Path]] = typer.Argument(None, help="Run folde
             _fail(FileNotFoundError("no run found in results/runs: run `bench run` first"))
         runs = [last]
     try:
-        paths = write_report(runs, out)
+        paths = write_report(runs, out, breakdown)
     except (DataError, OSError, ValueError) as e:
         _fail(e)
     for p in paths:

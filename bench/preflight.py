@@ -61,7 +61,9 @@ def _check_sample(s: Sample) -> str | None:
                     f"annotations say {s.width}x{s.height}")
         return None
     if s.path is None:
-        return f"image {s.image_id}: no image file (annotations only)"
+        where = s.meta.get("expected_image")
+        return f"{where}: image of id {s.image_id} is missing" if where else \
+            f"image {s.image_id}: no image file (annotations only)"
     from bench.data.io import read_image
 
     try:
@@ -148,3 +150,30 @@ def require_preflight(dataset: Dataset, split: dict | Iterable[str] | None, out_
     problems = preflight(dataset, split, out_dir, **kw)
     if problems:
         raise PreflightError(problems)
+
+
+def skip_bad_images(dataset: Dataset, split: dict, threads: int = 2) -> tuple[dict, list[dict]]:
+    """``bench run --skip-bad``: the split without the images that cannot be read (missing,
+    corrupt, of another size than annotated), and one ``{"id", "problem"}`` per image dropped.
+
+    The split keeps its ``dataset_hash`` (the annotations are unchanged); its ``hash`` is
+    recomputed over the ids that remain, and it lists what was skipped. An error if nothing
+    remains in train or in val: a benchmark of no images is no benchmark.
+    """
+    from bench.data.split import split_hash
+
+    bad = check_images(dataset, split_ids(split, dataset), threads)
+    if not bad:
+        return split, []
+    skipped = [{"id": s.image_id, "problem": why} for s, why in bad]
+    drop = {d["id"] for d in skipped}
+    out = dict(split)
+    out["train"] = [i for i in split["train"] if i not in drop]
+    out["val"] = [i for i in split["val"] if i not in drop]
+    for part in ("train", "val"):
+        if not out[part]:
+            raise PreflightError([d["problem"] for d in skipped], where=dataset.root or dataset.name,
+                                 when=f"with the images, and --skip-bad would leave no {part} image")
+    out["hash"] = split_hash(out["train"], out["val"], split["dataset_hash"])
+    out["skipped"] = skipped
+    return out, skipped

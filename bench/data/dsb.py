@@ -84,12 +84,14 @@ def read_mask(path: Path, image_id: str, expect_hw: tuple[int, int] | None) -> n
     return fg
 
 
-def read_dsb_native(path: str | Path, require_images: bool = True) -> Dataset:
+def read_dsb_native(path: str | Path, require_images: bool = True,
+                    bad: list[tuple[str, str]] | None = None) -> Dataset:
     """A DSB2018 ``stage1_train`` folder (or the folder holding it) as a Dataset.
 
     Sample ids are the DSB ids (the folder names); masks keep the sorted order of their file
     names. ``require_images=False`` reads annotation-only copies (the size then comes from the
-    masks, which must agree)."""
+    masks, which must agree). ``bad`` (``bench run --skip-bad``): an id with a bad mask or image
+    is left out and ``(id, problem)`` appended, instead of an error."""
     path = Path(path)
     root = dsb_root(path)
     if root is None:
@@ -99,31 +101,40 @@ def read_dsb_native(path: str | Path, require_images: bool = True) -> Dataset:
     for d in sorted(root.iterdir()):
         if not d.is_dir() or d.name.startswith("."):
             continue
-        iid = d.name
-        if not (d / "masks").is_dir():
-            raise DataError(d / "masks", f"id {iid} has no masks/ folder")
-        img_path = d / "images" / f"{iid}.png"
-        if not img_path.is_file():
-            from bench.data.io import find_image
-
-            img_path = find_image(d / "images", iid) if (d / "images").is_dir() else None
-            if img_path is None:
-                if require_images:
-                    raise DataError(d / "images" / f"{iid}.png", f"image of id {iid} is missing")
-                img_path = d / "images" / f"{iid}.png"
-        hw = _image_size(img_path) if img_path.is_file() else None
-        mask_files = sorted(p for p in (d / "masks").iterdir() if p.suffix.lower() == ".png" and p.is_file())
-        if not mask_files:
-            raise DataError(d / "masks", f"id {iid} has no mask PNGs")
-        counts = []
-        for mp in mask_files:
-            m = read_mask(mp, iid, hw)
-            hw = hw or m.shape
-            counts.append(rle.encode_mask(m))
-        meta = {"group": iid, "cell_type": DSB_CLASSES[0], "source": str(d / "masks"),
-                "file_name": f"{iid}.png"}
-        samples.append(Sample(iid, Instances(int(hw[0]), int(hw[1]), counts, np.zeros(len(counts), np.int64)),
-                              img_path, meta))
+        try:
+            samples.append(_read_id(d, require_images))
+        except DataError as e:
+            if bad is None:
+                raise
+            bad.append((d.name, str(e)))
     if not samples:
-        raise DataError(root, "no id folders")
+        raise DataError(root, "no id folders" if not bad else f"no readable id folders ({len(bad)} bad)")
     return Dataset(root.parent.name if root.name == "stage1_train" else root.name, list(DSB_CLASSES), samples, root)
+
+
+def _read_id(d: Path, require_images: bool) -> Sample:
+    """One id folder as a Sample (DataError naming the id and file of any problem)."""
+    iid = d.name
+    if not (d / "masks").is_dir():
+        raise DataError(d / "masks", f"id {iid} has no masks/ folder")
+    img_path = d / "images" / f"{iid}.png"
+    if not img_path.is_file():
+        from bench.data.io import find_image
+
+        img_path = find_image(d / "images", iid) if (d / "images").is_dir() else None
+        if img_path is None:
+            if require_images:
+                raise DataError(d / "images" / f"{iid}.png", f"image of id {iid} is missing")
+            img_path = d / "images" / f"{iid}.png"
+    hw = _image_size(img_path) if img_path.is_file() else None
+    mask_files = sorted(p for p in (d / "masks").iterdir() if p.suffix.lower() == ".png" and p.is_file())
+    if not mask_files:
+        raise DataError(d / "masks", f"id {iid} has no mask PNGs")
+    counts = []
+    for mp in mask_files:
+        m = read_mask(mp, iid, hw)
+        hw = hw or m.shape
+        counts.append(rle.encode_mask(m))
+    meta = {"group": iid, "cell_type": DSB_CLASSES[0], "source": str(d / "masks"),
+            "file_name": f"{iid}.png"}
+    return Sample(iid, Instances(int(hw[0]), int(hw[1]), counts, np.zeros(len(counts), np.int64)), img_path, meta)

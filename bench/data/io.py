@@ -51,12 +51,33 @@ def _read_pixels(path: Path, keep_palette: bool = False) -> np.ndarray:
         raise DataError(path, f"cannot read image ({type(e).__name__}: {e})") from None
     img = np.asarray(img)
     if img.ndim == 3 and img.shape[-1] == 4:
-        img = img[..., :3]
+        img = _drop_alpha(path, img)
     if img.ndim == 3 and img.shape[-1] == 1:
         img = img[..., 0]
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[-1] != 3) or 0 in img.shape:
         raise DataError(path, f"unsupported image shape {img.shape} (want H x W or H x W x 3)")
     return img
+
+
+def _drop_alpha(path: Path, img: np.ndarray) -> np.ndarray:
+    """The colour channels of an RGBA image. An opaque alpha (DSB2018's PNGs) goes silently; any
+    other alpha is dropped with a warning naming the file (the colours are used as stored, not
+    composited); colour channels that are blank while the alpha varies are an error, since the
+    picture is then in the alpha channel and the models would see a flat image."""
+    rgb, alpha = img[..., :3], img[..., 3]
+    full = np.iinfo(img.dtype).max if np.issubdtype(img.dtype, np.integer) else 1.0
+    lo, hi = alpha.min(), alpha.max()
+    if lo == hi == full:
+        return rgb
+    if lo != hi and rgb.min() == rgb.max():
+        raise DataError(path, f"RGBA image with blank colour channels (all {rgb.flat[0]}) and a varying alpha "
+                              f"channel ({lo}..{hi}): the picture is in the alpha channel, which cellbench does "
+                              "not read; save it as a grayscale image")
+    opaque = float((alpha == full).mean())
+    warnings.warn(f"{path}: RGBA image with an unusual alpha channel ({lo}..{hi}, {100 * (1 - opaque):.1f}% of "
+                  "pixels not fully opaque): the alpha is dropped and the colour channels are used as stored",
+                  stacklevel=3)
+    return rgb
 
 
 def _check_size(path: Path, img: np.ndarray, expect_hw: tuple[int, int] | None) -> None:
@@ -234,6 +255,8 @@ def read_sartorius(path: str | Path, image_dir: str | Path | None = None,
             raise DataError(image_dir / f"{iid}.png", f"image of id {iid} (first row {csv_path}:{g['lines'][0]}) is missing")
         meta = dict(g["meta"], cell_type=g["ct"] or None, source=str(csv_path))
         meta["group"] = meta.get("sample_id") or iid
+        if img_path is None:
+            meta["expected_image"] = str(image_dir / f"{iid}.png")  # named by preflight / --skip-bad
         samples.append(Sample(iid, Instances(g["h"], g["w"], counts, cl, _runs=runs), img_path, meta))
     if not samples:
         raise DataError(csv_path, "no annotations")
@@ -349,6 +372,17 @@ def _key(v):
     return int(v) if isinstance(v, float) else v
 
 
+# image-entry fields that are COCO's own or ids/addresses, never per-image attributes
+_COCO_IMAGE_FIELDS = {"id", "file_name", "height", "width", "license", "coco_url", "flickr_url", "url",
+                      "date_captured", "original_filename", "original_file_name", "sample_id"}
+
+
+def _image_attrs(im: dict) -> dict[str, str]:
+    """Extra short string fields of a COCO image entry (DSB2018's ``modality``)."""
+    return {k: v for k, v in im.items()
+            if k not in _COCO_IMAGE_FIELDS and isinstance(v, str) and 0 < len(v.strip()) <= 100}
+
+
 def read_coco(json_path: str | Path, image_dir: str | Path | None = None, require_images: bool = True) -> Dataset:
     """COCO instance json (LIVECell, the shared Sartorius json): polygons and RLE, overlap kept.
 
@@ -403,6 +437,9 @@ def read_coco(json_path: str | Path, image_dir: str | Path | None = None, requir
         meta["group"] = livecell_group(fname) or sid or str(iid)
         if cl.size and (cl == cl[0]).all():
             meta["cell_type"] = classes[cl[0]]
+        attrs = _image_attrs(im)
+        if attrs:
+            meta["attrs"] = attrs  # e.g. DSB2018's modality (bench/data/attributes.py)
         samples.append(Sample(str(iid), Instances(int(im["height"]), int(im["width"]), g["counts"], cl), p, meta))
     return Dataset(json_path.stem, classes, samples, json_path.parent)
 
@@ -426,7 +463,11 @@ def read_label_folder(folder: str | Path, class_name: str = "cell") -> Dataset:
             raise DataError(mpath, f"label image has no matching image {stem}.png|tif")
         labels = read_label_image(mpath)
         inst = Instances.from_label_image(labels, cls_id=0)
-        samples.append(Sample(stem, inst, ipath, {"group": stem, "cell_type": class_name, "source": str(mpath)}))
+        meta = {"group": stem, "cell_type": class_name, "source": str(mpath)}
+        top = int(labels.max())
+        if top > len(inst):  # ids 1..top with some unused: accepted (one cell per label), reported by check
+            meta["label_gaps"] = {"max_label": top, "cells": len(inst)}
+        samples.append(Sample(stem, inst, ipath, meta))
     if not samples:
         raise DataError(folder, "no '<name>_masks.png|tif' label images found")
     return Dataset(folder.name, [class_name], samples, folder)
@@ -436,8 +477,9 @@ def read_label_folder(folder: str | Path, class_name: str = "cell") -> Dataset:
 # auto-detection
 # ---------------------------------------------------------------------------
 
-def load_dataset(path: str | Path, require_images: bool = True) -> Dataset:
-    """Any dataset cellbench reads, by what the path looks like."""
+def load_dataset(path: str | Path, require_images: bool = True, bad: list[tuple[str, str]] | None = None) -> Dataset:
+    """Any dataset cellbench reads, by what the path looks like. ``bad``: where a reader can leave a
+    broken image out (DSB2018's per-id folders), it does and appends ``(id, problem)``."""
     path = Path(path)
     if path.suffix == ".json":
         return read_coco(path, require_images=require_images)
@@ -447,7 +489,7 @@ def load_dataset(path: str | Path, require_images: bool = True) -> Dataset:
         from bench.data.dsb import dsb_root, read_dsb_native
 
         if dsb_root(path) is not None:  # DSB2018 native: stage1_train/<id>/{images,masks}/
-            return read_dsb_native(path, require_images=require_images)
+            return read_dsb_native(path, require_images=require_images, bad=bad)
         jsons = sorted(path.glob("*.json"))
         if len(jsons) == 1:
             return read_coco(jsons[0], require_images=require_images)

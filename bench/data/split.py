@@ -35,19 +35,26 @@ def split_hash(train: list[str], val: list[str], fingerprint: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def make_split(dataset: Dataset, val: float = 0.2, seed: int = 0) -> dict:
-    """Assign whole groups to val, per cell type, until each type has ~``val`` of its images.
+def make_split(dataset: Dataset, val: float = 0.2, seed: int = 0, stratify: str | None = None) -> dict:
+    """Assign whole groups to val, per stratum, until each stratum has ~``val`` of its images.
 
-    Groups (Sartorius ``sample_id``, LIVECell well) are shuffled with a seeded RNG in
-    sorted order, then taken greedily while that keeps the type's val share closest
-    to the target; every type with >= 2 groups gets at least one val group.
+    The strata are the values of the per-image attribute ``stratify`` (default:
+    :func:`bench.data.attributes.default_stratify`: DSB2018's ``modality``, LIVECell's
+    ``cell_line``, else ``cell_type``, which gives the same split, and hash, as before
+    attributes existed). Groups (Sartorius ``sample_id``, LIVECell well) are shuffled with a
+    seeded RNG in sorted order, then taken greedily while that keeps the stratum's val share
+    closest to the target; every stratum with >= 2 groups gets at least one val group.
     """
+    from bench.data.attributes import attribute_values, default_stratify
+
     if not 0 < val < 1:
         raise ValueError(f"val fraction must be in (0, 1), got {val}")
+    stratify = stratify or default_stratify(dataset)
+    strata = attribute_values(dataset, stratify)
     by_type: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     group_type: dict[str, str] = {}
     for s in dataset.samples:
-        ct = s.cell_type(dataset.classes)
+        ct = strata[s.image_id]
         g = s.group
         if group_type.setdefault(g, ct) != ct:
             # a group spanning types is stratified under its first type; it still never straddles
@@ -87,8 +94,26 @@ def make_split(dataset: Dataset, val: float = 0.2, seed: int = 0) -> dict:
     return {
         "train": train_ids, "val": val_ids, "seed": seed, "val_fraction": val,
         "dataset": dataset.name, "dataset_hash": fp, "hash": split_hash(train_ids, val_ids, fp),
-        "groups": "sample_id/well" , "stratified_by": "cell_type",
+        "groups": "sample_id/well", "stratified_by": stratify,
+        # images per stratum in train and val (DSB2018: fluorescence / histology / brightfield)
+        "strata": {v: {"train": sum(strata[i] == v for i in train_ids), "val": sum(strata[i] == v for i in val_ids)}
+                   for v in sorted(set(strata.values()))},
     }
+
+
+def split_note(split: dict) -> dict:
+    """What a run's manifest says about how its split was stratified (and why that may differ from
+    runs made before per-image attributes: those were all stratified by cell type)."""
+    by = split.get("stratified_by", "cell_type")
+    note = {"split_stratified_by": by}
+    if split.get("strata"):
+        note["split_strata"] = split["strata"]
+    if by != "cell_type":
+        note["split_note"] = (f"stratified by the per-image attribute {by!r} (bench/data/attributes.py), so "
+                              "this split differs from one made before attributes existed (those were "
+                              "stratified by cell type only); datasets without such an attribute keep "
+                              "their earlier split and hash")
+    return note
 
 
 def write_split(split: dict, path: str | Path) -> None:

@@ -97,5 +97,7 @@ def check_dataset(dataset: Dataset) -> dict:
     if bad:
         raise PreflightError([why for _, why in bad], where=dataset.root or dataset.name,
                              when="with the images")
+    gaps = [(s.meta["source"], s.meta["label_gaps"]) for s in dataset if s.meta.get("label_gaps")]
     return {"images": len(dataset), "masks": n_masks, "classes": dataset.classes,
-            "overlapping_pixel_fraction": overlap_px / max(annotated_px, 1), "duplicate_masks": duplicates}
+            "overlapping_pixel_fraction": overlap_px / max(annotated_px, 1), "duplicate_masks": duplicates,
+            "label_gaps": [f"{src}: labels up to {g['max_label']} but {g['cells']} cells" for src, g in gaps]}

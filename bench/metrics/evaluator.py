@@ -59,6 +59,7 @@ class InstanceSegEvaluator:
         self._pairs: list[tuple[str, Instances, Instances]] = []
         self._matches: dict[str, ImageMatches] = {}
         self._cell: dict[str, CellScores] = {}
+        self._mt = None  # COCO's match table (class-agnostic), kept by evaluate() for breakdown()
 
     def process(self, image_id: str, gt: Instances, pred: Instances, cell_type: str | None = None) -> None:
         if image_id in self._scores:
@@ -176,7 +177,7 @@ class InstanceSegEvaluator:
         else:
             # per-class AP = AP over that class's images; pycocotools' accumulate(p) with a subset of
             # imgIds indexes the wrong images, so re-accumulate from the match table with 0/1 weights
-            mt = match_table(E)
+            mt = self._mt = match_table(E)
             n = len(self._pairs)
             summary["per_class_AP"] = {}
             for c, pos in sorted(groups.items()):
@@ -194,6 +195,30 @@ class InstanceSegEvaluator:
             summary["AP50_ci95"] = list(quantile_ci(per_t[:, 0]))
         return summary
 
+    def breakdown(self, attribute: str, groups: dict[str, str]) -> dict:
+        """Scores per value of a per-image attribute (after :meth:`evaluate`): Kaggle mAP with
+        its CI, images, ground-truth and predicted cells, TP/FP/FN at IoU 0.5, COCO AP and AP50."""
+        from bench.metrics.breakdown import breakdown
+
+        pos = {p[0]: k for k, p in enumerate(self._pairs)}
+        n_gt = {p[0]: len(p[1]) for p in self._pairs}
+        n_pred = {p[0]: len(p[2]) for p in self._pairs}
+
+        def extra(ids: list[str]) -> dict:
+            sc = [self._scores[i] for i in ids]
+            out = {"tp50": int(sum(s.tp[0] for s in sc)), "fp50": int(sum(s.fp[0] for s in sc)),
+                   "fn50": int(sum(s.fn[0] for s in sc))}
+            if self._mt is not None:
+                w = np.zeros(len(self._pairs))
+                w[[pos[i] for i in ids]] = 1
+                ap = weighted_ap(self._mt, w)
+                out["coco_AP"], out["coco_AP50"] = float(np.nanmean(ap)), float(ap[0])
+            return out
+
+        per_image = {i: self._scores[i].score for i in self._scores}
+        return breakdown(per_image, groups, attribute, n_gt if self.with_coco else None,
+                         n_pred if self.with_coco else None, extra, self.n_resamples, self.seed)
+
 
 def _mean_valid(p: np.ndarray) -> float:
     p = p[p > -1]
@@ -206,10 +231,12 @@ def _majority_class(gt: Instances, classes: Sequence[str]) -> str:
 
 
 def evaluate_predictions(gt: dict[str, tuple[Instances, str]], pred: dict[str, Instances], classes: Sequence[str],
-                         return_matches: str | None = None, **kw):
+                         return_matches: str | None = None,
+                         breakdown: tuple[str, dict[str, str]] | None = None, **kw):
     """Score a whole prediction set. Images missing from ``pred`` score 0 and are counted;
     ids in ``pred`` unknown to the ground truth are an error. With ``return_matches=MODEL``,
-    returns ``(results, match table)``."""
+    returns ``(results, match table)``. ``breakdown``: (attribute, image id -> value) adds
+    ``res["breakdown"]`` (scores per value)."""
     unknown = sorted(set(pred) - set(gt))
     if unknown:
         raise DataError("predictions", f"{len(unknown)} image id(s) not in the ground truth, e.g. {unknown[:3]}")
@@ -223,4 +250,6 @@ def evaluate_predictions(gt: dict[str, tuple[Instances, str]], pred: dict[str, I
         ev.process(iid, g, p, ct)
     res = ev.evaluate()
     res["missing_predictions"] = missing
+    if breakdown is not None:
+        res["breakdown"] = ev.breakdown(*breakdown)
     return (res, ev.match_table(return_matches)) if return_matches is not None else res

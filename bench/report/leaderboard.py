@@ -101,8 +101,12 @@ def _paired_vs_best(rows: list[dict]) -> None:
         if r is best:
             r["vs_best"] = "best"
             continue
-        # same run, same images: the first run both models finished in
-        pair = next(((a, b) for a in r["runs"] for b in best["runs"] if a["run"] == b["run"]), None)
+        # same run, same images: the first run both models finished in; else two runs of one split
+        # (same split hash: the same validation images, so the images still pair)
+        pair = next(((a, b) for a in r["runs"] for b in best["runs"] if a["run"] == b["run"]), None) or next(
+            ((a, b) for a in r["runs"] for b in best["runs"]
+             if a["manifest"].get("split_hash") and a["manifest"].get("split_hash") == b["manifest"].get("split_hash")),
+            None)
         if pair is None:
             r["vs_best"] = "n/a (no common run)"
             continue
@@ -177,7 +181,8 @@ def markdown_table(rows: list[dict], classes: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dirs: list[Path], out: Path) -> list[Path]:
+def write_report(run_dirs: list[Path], out: Path, breakdown: str | None = None) -> list[Path]:
+    """``breakdown``: also the leaderboard per value of that per-image attribute (breakdown_report)."""
     rows_raw = load_runs(run_dirs)
     if not rows_raw:
         raise ValueError(f"no models in {', '.join(map(str, run_dirs))}")
@@ -206,8 +211,15 @@ def write_report(run_dirs: list[Path], out: Path) -> list[Path]:
     from bench.report import cellreport
 
     extra_md = cellreport.cell_markdown(rows) + "\n" + cellreport.taxonomy_markdown(rows)
-    md = header + markdown_table(rows, classes) + "\n\n" + extra_md + "\n" + "\n".join(
-        f"![{p.stem}]({p.name})" for p in pngs) + "\n"
+    section = ""
+    if breakdown:
+        from bench.report import breakdown_report
+
+        section, files = breakdown_report.write(rows, breakdown, out)
+        written += files
+        pngs += [f for f in files if f.suffix == ".png"]
+    md = header + markdown_table(rows, classes) + "\n\n" + section + extra_md + "\n" + "\n".join(
+        f"![{p.stem}]({p.name})" for p in pngs if not p.stem.startswith("breakdown_")) + "\n"
     atomic_write_text(out / "leaderboard.md", md)
     written.append(out / "leaderboard.md")
 
@@ -223,7 +235,7 @@ def write_report(run_dirs: list[Path], out: Path) -> list[Path]:
     tax_csv = cellreport.write_taxonomy_csv(rows, out)
     written += [tax_csv] if tax_csv else []
 
-    atomic_write_text(out / "leaderboard.html", _html(header, rows, classes, pngs, extra_md))
+    atomic_write_text(out / "leaderboard.html", _html(header + section, rows, classes, pngs, extra_md))
     written.append(out / "leaderboard.html")
     from bench.report.html import write_html_report  # the interactive report (report.html)
 

@@ -28,8 +28,8 @@ from bench.adapters import registry
 from bench.data.errors import DataError
 from bench.data.io import load_dataset
 from bench.data.normalize import InputPolicy
-from bench.preflight import require_preflight
-from bench.data.split import make_split, read_split, write_split
+from bench.preflight import require_preflight, skip_bad_images
+from bench.data.split import make_split, read_split, split_note, write_split
 from bench.runner.devices import DeviceError, plan_model, resolve_device  # noqa: F401 (re-exported)
 from bench.store import DevicePlan, Job, Manifest, RunDir, RunLocked, model_label  # noqa: F401 (re-exported)
 
@@ -115,7 +115,8 @@ def run_benchmark(models: list[str], data: str | None = None, preset: str = "smo
                   seed: int = 0, out: Path | None = None, resume: bool = False, val_fraction: float = 0.2,
                   results: Path = RESULTS, config_root: Path | None = None, echo=print,
                   timeout_s: float | None = None, overrides: dict[str, dict] | None = None,
-                  split_file: Path | None = None, train_on: str = "train") -> tuple[Path, list[ModelOutcome]]:
+                  split_file: Path | None = None, train_on: str = "train",
+                  skip_bad: bool = False) -> tuple[Path, list[ModelOutcome]]:
     """Fit, predict and score every model; returns the run folder and one outcome per model.
 
     For sweeps: ``overrides`` (spec -> config values, merged over the spec's own options; lists
@@ -126,7 +127,9 @@ def run_benchmark(models: list[str], data: str | None = None, preset: str = "smo
     The run folder is locked (:class:`bench.store.RunLock`) from before its manifest is read
     until the last model is done: a second ``bench run``/``--resume`` on it is refused. Where
     each model runs is planned here, before anything is spawned (:mod:`bench.runner.devices`).
-    ``resume`` continues ``out`` (or the latest run), which must hold a run.
+    ``resume`` continues ``out`` (or the latest run), which must hold a run. ``skip_bad`` drops
+    the split's images that cannot be read (missing, corrupt, wrongly sized) instead of refusing
+    the run, and lists them in the manifest (``skipped_images``) and in split.json.
     """
     if train_on not in ("train", "train+val"):
         raise ValueError(f"train_on must be 'train' or 'train+val', got {train_on!r}")
@@ -164,7 +167,8 @@ def run_benchmark(models: list[str], data: str | None = None, preset: str = "smo
         with run.lock():
             manifest = run.read_manifest()
             data_path = manifest.data
-            dataset = load_dataset(data_path)
+            skipped = manifest.extra.get("skipped_images")
+            dataset = load_dataset(data_path, require_images=not skipped, bad=[] if skipped else None)
             split = read_split(run.split, dataset)
             require_preflight(dataset, split, run.path)
             if manifest.seed != seed or manifest.preset != preset:
@@ -176,8 +180,17 @@ def run_benchmark(models: list[str], data: str | None = None, preset: str = "smo
                                          echo, timeout_s)
 
     data_path = str(Path(data).resolve()) if data else str(builtin_dataset(preset, results / "cache").resolve())
-    dataset = load_dataset(data_path)
+    reader_bad: list[tuple[str, str]] = []  # ids a reader left out (--skip-bad: a DSB id with a bad mask)
+    dataset = load_dataset(data_path, require_images=not skip_bad, bad=reader_bad if skip_bad else None)
     split = read_split(split_file, dataset) if split_file else make_split(dataset, val_fraction, seed)
+    skipped: list[dict] = [{"id": i, "problem": why} for i, why in reader_bad]
+    if skip_bad:
+        split, more = skip_bad_images(dataset, split)  # missing, unreadable, wrongly sized images
+        skipped += more
+        if skipped:
+            split["skipped"] = skipped
+        for d in skipped:
+            echo(f"skipped (--skip-bad): {d['problem']}")
     if run is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         key = hashlib.sha256(json.dumps([specs, preset, seed, split["hash"]]).encode()).hexdigest()[:6]
@@ -198,7 +211,8 @@ def run_benchmark(models: list[str], data: str | None = None, preset: str = "smo
             n_train=len(split["train"]), n_val=len(split["val"]), configs=dict(configs), train_on=train_on,
             packages=package_versions(), git_commit=git_commit(), python=sys.version.split()[0],
             host=platform.node(), platform=platform.platform(), cpu_count=os.cpu_count(),
-            gpu=_gpu_name(device), started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            gpu=_gpu_name(device), started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            extra={**split_note(split), **({"skipped_images": skipped} if skip_bad else {})})
         run.write_manifest(manifest)
         return run.path, _run_models(run, manifest, specs, configs, plans, data_path, split, device, seed, echo,
                                      timeout_s)

@@ -112,7 +112,9 @@ def main(model_dir: Path) -> int:
 
         torch.cuda.set_device(torch.device(device))  # cuda:N everywhere, also where an adapter says "cuda"
 
-    dataset = load_dataset(job.data)
+    # the parent's preflight read every image of the split; ids a reader leaves out (bad, []) are
+    # in no split: without --skip-bad the parent refused them
+    dataset = load_dataset(job.data, require_images=False, bad=[])
     split = read_split(run.split, dataset)
     train, val = dataset.subset(split["train"]), dataset.subset(split["val"])
     if job.train_on == "train+val":  # a sweep stage that retrains on everything (scores are in-sample)
