@@ -34,6 +34,7 @@ def cell_fields(done: list[dict]) -> dict:
         ci = cells[0].get(f"{k}_ci95") or [None, None]
         out[f"{k}_lo"], out[f"{k}_hi"] = ci
     out["bootstrap_unit"] = (ms[0].get("bootstrap") or {}).get("unit", "images")
+    out["bootstrap_groups"] = (ms[0].get("bootstrap") or {}).get("n_groups")
     tax = ms[0].get("taxonomy")
     if not tax or "if_fixed" not in tax:
         tax = _taxonomy_from_table(done[0])

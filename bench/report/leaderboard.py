@@ -123,10 +123,19 @@ def _paired_vs_best(rows: list[dict]) -> None:
         r["vs_best"] = "worse" if test.verdict == "worse" else "not distinguishable" if test.verdict != "better" else "better"
 
 
+FEW_GROUPS = 10
+
+
 def _units(rows: list[dict]) -> str:
     """What the CIs resampled: images, or groups of them (sample/well: the clustered bootstrap)."""
-    u = sorted({(r.get("cell") or {}).get("bootstrap_unit", "images") for r in rows if r["state"] == "done"})
-    return ", ".join(u) or "images"
+    cells = [r.get("cell") or {} for r in rows if r["state"] == "done"]
+    u = ", ".join(sorted({c.get("bootstrap_unit", "images") for c in cells})) or "images"
+    groups = [c["bootstrap_groups"] for c in cells if c.get("bootstrap_unit", "images") != "images"
+              and c.get("bootstrap_groups")]
+    if groups and min(groups) < FEW_GROUPS:  # a percentile bootstrap over a handful of units is coarse
+        u += (f" ({min(groups)} groups: fewer than {FEW_GROUPS}, so the interval is little more than the range "
+              "of the group means; read it as coarse)")
+    return u
 
 
 def _mean(vals):
