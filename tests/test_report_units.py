@@ -12,4 +12,4 @@ def test_units_name_the_resampled_unit_and_warn_on_few_groups():
     many = _units([_row("sample_id/well", FEW_GROUPS)])
     assert many == "sample_id/well"
     few = _units([_row("sample_id/well", 3), _row("sample_id/well", 12), _row("images", 1, state="failed")])
-    assert few.startswith("sample_id/well (3 groups: fewer than 10") and "coarse" in few
+    assert few.startswith("sample_id/well; with 3 groups (under 10)") and "coarse" in few

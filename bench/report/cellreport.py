@@ -17,7 +17,7 @@ import numpy as np
 
 CELL_KEYS = ("f1_50", "precision_50", "recall_50", "pq", "sq", "dq", "aji", "mean_matched_iou")
 CI_KEYS = ("f1_50", "pq", "aji", "mean_matched_iou")
-CSV_COLUMNS = [*CELL_KEYS, *[f"{k}_{e}" for k in CI_KEYS for e in ("lo", "hi")], "bootstrap_unit"]
+CSV_COLUMNS = [*CELL_KEYS, *[f"{k}_{e}" for k in CI_KEYS for e in ("lo", "hi")], "bootstrap_unit", "bootstrap_groups"]
 
 
 def _mean(vals) -> float | None:

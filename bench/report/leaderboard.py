@@ -133,8 +133,8 @@ def _units(rows: list[dict]) -> str:
     groups = [c["bootstrap_groups"] for c in cells if c.get("bootstrap_unit", "images") != "images"
               and c.get("bootstrap_groups")]
     if groups and min(groups) < FEW_GROUPS:  # a percentile bootstrap over a handful of units is coarse
-        u += (f" ({min(groups)} groups: fewer than {FEW_GROUPS}, so the interval is little more than the range "
-              "of the group means; read it as coarse)")
+        u += (f"; with {min(groups)} groups (under {FEW_GROUPS}) the interval is little more than the range "
+              "of the group means: read it as coarse")
     return u
 
 
