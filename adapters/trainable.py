@@ -25,6 +25,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -138,8 +139,6 @@ def build_optimizer(cfg: AdapterConfig, params: list):
 def optimizer_step(loss, opt, scaler, params: list, grad_clip: float | None) -> None:
     """One AMP-aware update: a non-finite loss is an error naming its value (a diverged run stops
     at once instead of training on NaN), gradients are unscaled before clipping."""
-    import math
-
     import torch
 
     value = loss.item()
