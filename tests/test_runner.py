@@ -185,7 +185,8 @@ def test_a_timeout_is_reported_as_a_timeout_and_takes_the_worker_group(tmp_path,
     counters.mkdir()
     spec = f"fake:fit_sleep=300,spawn_child=true,counter_dir={counters}"
     t0 = time.monotonic()
-    run_dir, out = _run(tmp_path, [spec, "fake"], tiny_synth, timeout_s=20)  # the second model (a fresh worker) must start within it, even on a loaded machine
+    # 20 s per model: the second model's fresh worker must start within it, even on a loaded machine
+    run_dir, out = _run(tmp_path, [spec, "fake"], tiny_synth, timeout_s=20)
     assert time.monotonic() - t0 < 120
     assert [o.state for o in out] == ["failed", "done"]  # the next model still runs
     assert out[0].detail == "timed out after 20 s"
