@@ -263,15 +263,19 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    """Inverse of :func:`rng_state` (CUDA states only where there are as many GPUs)."""
+def set_rng_state(state: dict, numpy: bool = True) -> None:
+    """Inverse of :func:`rng_state` (CUDA states only where there are as many GPUs). ``numpy=False``
+    leaves numpy's alone, for a framework whose resume replays the data pipeline (its numpy draws)
+    after the checkpoint is read."""
     import torch
 
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    has_gauss, cached = state["numpy_gauss"]
-    np.random.set_state({"bit_generator": "MT19937", "has_gauss": int(has_gauss), "gauss": float(cached),
-                         "state": {"key": state["numpy_key"].numpy().astype(np.uint32), "pos": state["numpy_pos"]}})
+    if numpy:
+        has_gauss, cached = state["numpy_gauss"]
+        np.random.set_state({"bit_generator": "MT19937", "has_gauss": int(has_gauss), "gauss": float(cached),
+                             "state": {"key": state["numpy_key"].numpy().astype(np.uint32),
+                                       "pos": state["numpy_pos"]}})
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
