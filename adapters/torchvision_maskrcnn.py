@@ -210,7 +210,8 @@ class TorchvisionMaskRCNN(TrainableAdapter):
         state = torch.load(folder / "resume.pt", map_location="cpu", weights_only=True)
         self.model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when written without AMP (a disabled GradScaler has no state)
+            scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
 
     def _loader(self, images: list, instances: list[Instances], seed: int, start: int = 0):
