@@ -124,6 +124,13 @@ class FitContext:
     eval_every: int = 0
     log_val: LossLogFn | None = None
     validation_seconds: float = 0.0   # time spent in validate(), taken out of the training time
+    # mid-training checkpoints (checkpoint_every; bench.store.ModelDir.resume): None, none are written
+    # or read; on_begin(k) is called once before training, k the iteration a resumed fit continues
+    # from (0: from the start), so the caller can trim its logs to what the checkpoint holds
+    resume_dir: Path | None = None
+    on_begin: Callable[[int], None] | None = None
+    resumed_from: int = 0             # iteration the fit continued from (0: it started over)
+    seconds_before: float = 0.0       # training seconds of the interrupted attempts before it
     _t0: float | None = None
 
     def report(self, done: int, total: int, **info) -> None:
@@ -152,6 +159,24 @@ class FitContext:
         import time
 
         self._t0 = time.perf_counter()
+
+    def begin(self, iteration: int = 0, seconds: float = 0.0) -> None:
+        """Training starts at ``iteration`` (a resumed fit: after ``seconds`` of earlier training,
+        which the log's clock continues from)."""
+        import time
+
+        self.resumed_from, self.seconds_before = int(iteration), float(seconds)
+        self._t0 = time.perf_counter() - self.seconds_before
+        if self.on_begin:
+            self.on_begin(self.resumed_from)
+
+    def training_seconds(self) -> float:
+        """Seconds of training so far (earlier attempts of a resumed fit included, validation not)."""
+        import time
+
+        if self._t0 is None:
+            return 0.0
+        return time.perf_counter() - self._t0 - self.validation_seconds
 
     @property
     def curve_wanted(self) -> bool:

@@ -43,7 +43,7 @@ from pydantic import Field, field_validator, model_validator
 
 from bench.adapters.base import AdapterConfig, Capabilities, FitContext, check_weights_file
 from bench.adapters.registry import register
-from bench.adapters.trainable import TrainableAdapter, amp_enabled
+from bench.adapters.trainable import TrainableAdapter, amp_enabled, rng_state, set_rng_state
 from bench.data.masks import instances_from_masks
 from bench.data.normalize import to_rgb
 from bench.data.rle import to_coco_rle
@@ -125,6 +125,7 @@ class D2MaskRCNNConfig(AdapterConfig):
     num_workers: int = Field(2, ge=0)        # data-loader processes
     log_every: int = Field(20, ge=1)        # iterations between loss records
     checkpoint_period: int = Field(0, ge=0)  # 0: only the final weights are kept
+    checkpoint_every: int = Field(0, ge=0)   # mid-training checkpoint (resumable) every N iterations; 0: off
 
     @field_validator("anchor_sizes")
     @classmethod
@@ -388,7 +389,9 @@ class Detectron2MaskRCNN(TrainableAdapter):
         "augment": "INPUT.MIN_SIZE_TRAIN / INPUT.RANDOM_FLIP (+ vertical flip, brightness, contrast)",
         "eval_every": "validation hook", "log_every": "log hook period",
         "grad_clip": "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "num_workers": "DATALOADER.NUM_WORKERS",
-        "predict_batch_size": "images per GeneralizedRCNN([...]) call"}
+        "predict_batch_size": "images per GeneralizedRCNN([...]) call",
+        "checkpoint_every": "DetectionCheckpointer(model, trainer=trainer) every N iterations"}
+    resumes_mid_training = True
 
     def __init__(self, cfg: AdapterConfig, classes: Sequence[str], device: str = "cpu"):
         super().__init__(cfg, classes, device)
@@ -474,8 +477,11 @@ class Detectron2MaskRCNN(TrainableAdapter):
             if c.checkpoint_period:
                 ckpt = DetectionCheckpointer(model, str(work), optimizer=optimizer)
                 hook_list.append(hooks.PeriodicCheckpointer(ckpt, c.checkpoint_period, max_iter=c.iterations))
+            hook_list.append(_ResumeHook(self, ctx, c.iterations))  # after the LR hook: its stepped state
             trainer.register_hooks(hook_list)
-            trainer.train(0, c.iterations)
+            if ctx.resumed_from:
+                _continue(trainer, self.resume.point.folder, ctx.resumed_from)  # type: ignore[union-attr]
+            trainer.train(ctx.resumed_from, c.iterations)
         finally:
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
@@ -585,6 +591,47 @@ def _ValidationHook(adapter: "Detectron2MaskRCNN", ctx: FitContext, max_iter: in
                 self.trainer.model.train()
 
     return ValidationHook()
+
+
+RESUME_NAME = "model"  # <folder>/model.pth: DetectionCheckpointer's file of a mid-training checkpoint
+
+
+def _ResumeHook(adapter: "Detectron2MaskRCNN", ctx: FitContext, max_iter: int):
+    from detectron2.engine import HookBase
+
+    class ResumeHook(HookBase):
+        """Every ``checkpoint_every`` iterations: detectron2's checkpointer with the trainer as a
+        checkpointable (what ``DefaultTrainer.resume_or_load`` reads: weights, optimizer, iteration,
+        the LR scheduler hook's state, AMP's grad scaler), plus the RNG states."""
+
+        def after_step(self):
+            adapter.checkpoint_due(self.trainer.iter + 1, max_iter, ctx, self.write)
+
+        def write(self, folder: Path) -> None:
+            from detectron2.checkpoint import DetectionCheckpointer
+
+            DetectionCheckpointer(self.trainer.model, str(folder), trainer=self.trainer).save(RESUME_NAME,
+                                                                                             rng=rng_state())
+
+    return ResumeHook()
+
+
+def _continue(trainer, folder: Path, start: int) -> None:
+    """Put ``trainer`` where the checkpoint in ``folder`` left it, ``start`` iterations done.
+
+    Detectron2's own resume reloads the state but restarts the data stream from its seed; here
+    the first ``start`` batches are drawn again (loaded, not trained on: the cost of resuming is
+    their data loading) so that the resumed fit sees the batches the uninterrupted one would. The
+    loader's iterator is made before the RNG states are restored, as the uninterrupted fit made
+    it before its first step."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    batches = iter(trainer.data_loader)
+    for _ in range(start):
+        next(batches)
+    trainer._data_loader_iter_obj = batches  # SimpleTrainer's lazily made iterator, made here
+    extra = DetectionCheckpointer(trainer.model, str(folder), trainer=trainer).load(str(folder / f"{RESUME_NAME}.pth"))
+    set_rng_state(extra["rng"])
 
 
 def _LogHook(ctx: FitContext, period: int, max_iter: int):

@@ -58,6 +58,7 @@ import copy
 import io
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -71,7 +72,7 @@ from pydantic import Field, field_validator, model_validator
 
 from bench.adapters.base import AdapterConfig, Capabilities, FitContext, check_weights_file
 from bench.adapters.registry import register
-from bench.adapters.trainable import TrainableAdapter, amp_enabled, load_matching_state
+from bench.adapters.trainable import TrainableAdapter, amp_enabled, load_matching_state, rng_state, set_rng_state
 from bench.data import rle
 from bench.data.masks import instances_from_masks
 from bench.data.normalize import to_rgb, to_uint8
@@ -125,6 +126,7 @@ class CascadeConfig(AdapterConfig):
     amp: bool = False                                  # mixed precision (CUDA only)
     num_workers: int = Field(2, ge=0)
     log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(0, ge=0)   # mid-training checkpoint (resumable) every N iterations; 0: off
     predict_batch_size: int = Field(1, ge=1)
 
     @field_validator("anchor_scales", "anchor_ratios", "train_scales")
@@ -164,7 +166,9 @@ class CascadeMaskRCNNAdapter(TrainableAdapter):
         "augment": "train pipeline RandomFlip", "eval_every": "cellbench hook (validation curve)",
         "log_every": "default_hooks.logger.interval", "grad_clip": "optim_wrapper.clip_grad.max_norm",
         "num_workers": "train_dataloader.num_workers",
-        "predict_batch_size": "images per model.test_step(pseudo_collate([...]))"}
+        "predict_batch_size": "images per model.test_step(pseudo_collate([...]))",
+        "checkpoint_every": "Runner.save_checkpoint every N iterations; Runner(resume=True, load_from=...)"}
+    resumes_mid_training = True
 
     def __init__(self, cfg: AdapterConfig, classes: Sequence[str], device: str = "cpu"):
         super().__init__(cfg, classes, device)
@@ -245,14 +249,22 @@ class CascadeMaskRCNNAdapter(TrainableAdapter):
             console = sys.stdout
             # the Runner logs its environment, the whole config and the hook table at INFO while it is
             # built: into its log file (work_dir/<timestamp>/) only, not onto the console
+            point = self.resume.point if ctx.resumed_from else None
             with contextlib.redirect_stdout(io.StringIO()):
                 runner = Runner(
                     model=model,
                     experiment_name=f"cellbench-cascade-{uuid.uuid4().hex[:8]}",
-                    custom_hooks=[_cellbench_hook(ctx, total, c.log_every, weights, self)],
+                    custom_hooks=[_cellbench_hook(ctx, total, c.log_every, weights, self),
+                                  _resume_hook(self, ctx, total)],
                     cfg=dump,
+                    # a resumed fit: mmengine's resume (weights, optimizer, schedulers, iteration, message
+                    # hub; its loop then draws the first `iter` batches again, untrained)
+                    resume=point is not None,
+                    load_from=str(point.folder / _RESUME_FILE) if point is not None else None,
                     **runner_cfg,
                 )
+            if point is not None:
+                runner.resume = _trusted_load(runner.resume)
             _quiet_console(runner.logger, console)
             ctx.report(0, total, phase="train")
             runner.train()
@@ -610,6 +622,8 @@ def _cellbench_hook(ctx: FitContext, total: int, interval: int, weights: Path | 
             self.n = 0
 
         def before_train(self, runner):
+            if ctx.resumed_from:  # mmengine's resume has loaded the trained weights
+                return
             # Runner.train() initialises the weights after before_run: the checkpoint goes on top
             _init_cascade_mask_heads(runner.model)
             if weights is not None:
@@ -637,6 +651,58 @@ def _cellbench_hook(ctx: FitContext, total: int, interval: int, weights: Path | 
                 runner.model.train()
 
     return CellbenchHook()
+
+
+_RESUME_FILE = "checkpoint.pth"  # <folder>/checkpoint.pth: Runner.save_checkpoint's file of a mid-training checkpoint
+
+
+def _resume_hook(adapter, ctx: FitContext, total: int):
+    """Every ``checkpoint_every`` iterations, ``Runner.save_checkpoint`` (what mmengine's
+    CheckpointHook writes: weights, optimizer, param schedulers, iteration, message hub) with the
+    RNG states added; after a resume, torch's and Python's RNG states are put back before the first
+    step (numpy's is not: mmengine's resume replays the data pipeline, whose numpy draws bring it to
+    where the checkpoint left it)."""
+    from mmengine.hooks import Hook
+
+    class ResumeHook(Hook):
+        priority = "VERY_LOW"  # after ParamSchedulerHook (LOW): the schedulers' stepped state is saved
+
+        def __init__(self):
+            self.rng = None
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            adapter.checkpoint_due(runner.iter + 1, total, ctx, lambda folder: runner.save_checkpoint(
+                str(folder), _RESUME_FILE, save_optimizer=True, save_param_scheduler=True, by_epoch=False))
+
+        def before_save_checkpoint(self, runner, checkpoint):
+            checkpoint["cellbench_rng"] = rng_state()
+
+        def after_load_checkpoint(self, runner, checkpoint):
+            self.rng = checkpoint.get("cellbench_rng")
+
+        def before_train_iter(self, runner, batch_idx, data_batch=None):
+            if self.rng is not None:
+                set_rng_state(self.rng, numpy=False)
+                self.rng = None
+
+    return ResumeHook()
+
+
+def _trusted_load(resume: Callable) -> Callable:
+    """``Runner.resume`` reading a checkpoint this fit wrote itself: mmengine 0.10.7 calls
+    ``torch.load`` without ``weights_only``, which torch >= 2.6 takes as True and which refuses
+    mmengine's own checkpoints (numpy and mmengine objects in ``meta``/``message_hub``)."""
+    def call(*args, **kw):
+        key, old = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+        os.environ[key] = "1"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                return resume(*args, **kw)
+        finally:
+            os.environ.pop(key) if old is None else os.environ.__setitem__(key, old)
+
+    return call
 
 
 def _init_cascade_mask_heads(model) -> None:

@@ -17,7 +17,8 @@ from pydantic import Field
 
 from bench.adapters.base import AdapterConfig, Capabilities, FitContext, check_weights_file
 from bench.adapters.registry import register
-from bench.adapters.trainable import TrainableAdapter, amp_enabled, build_optimizer, load_matching_state, optimizer_step, step_lr
+from bench.adapters.trainable import (TrainableAdapter, amp_enabled, build_optimizer, load_matching_state, optimizer_step,
+                                     rng_state, set_rng_state, step_lr)
 from bench.data.masks import instances_from_masks, masks_to_boxes
 from bench.data.normalize import to_rgb
 from bench.data.sample import Instances, Sample
@@ -61,6 +62,7 @@ class TorchvisionMaskRCNNConfig(AdapterConfig):
     augment: Literal["none", "default", "extra"] = "default"
     amp: bool = False                # mixed precision; CUDA only (ignored, and logged, on CPU)
     log_every: int = 10
+    checkpoint_every: int = Field(0, ge=0)   # mid-training checkpoint every N iterations (0: off)
     grad_clip: float | None = 10.0
     # data-loader processes that build the training batches (mask decoding, augmentation);
     # 0: in the training process. Pinned memory on CUDA.
@@ -119,7 +121,9 @@ class TorchvisionMaskRCNN(TrainableAdapter):
                       "augment": "flips, brightness/contrast, MaskRCNN.transform.min_size",
                       "eval_every": "validation hook", "log_every": "log interval", "grad_clip": "clip_grad_norm_",
                       "num_workers": "torch DataLoader num_workers",
-                      "predict_batch_size": "images per model([...]) call"}
+                      "predict_batch_size": "images per model([...]) call",
+                      "checkpoint_every": "torch.save of model, optimizer, GradScaler and RNG states"}
+    resumes_mid_training = True
 
     def __init__(self, cfg, classes, device="cpu"):
         super().__init__(cfg, classes, device)
@@ -165,8 +169,13 @@ class TorchvisionMaskRCNN(TrainableAdapter):
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         train_sizes = self._train_sizes(c)
         self.model.transform.min_size = train_sizes
-        loader = self._loader(images, [s.instances for s in samples], ctx.seed)
-        for it, batch in enumerate(loader):
+        start = ctx.resumed_from
+        # the loader's iterator draws its base seed from torch's RNG: made before a resumed fit
+        # restores the RNG states, so every later draw is the uninterrupted fit's
+        batches = iter(self._loader(images, [s.instances for s in samples], ctx.seed, start))
+        if start:
+            self._restore_resume(self.resume.point.folder, opt, scaler)  # type: ignore[union-attr]
+        for it, batch in enumerate(batches, start):
             for g in opt.param_groups:
                 g["lr"] = step_lr(c, it)
             imgs = [img.to(self.device, non_blocking=True) for img, _ in batch]
@@ -182,19 +191,41 @@ class TorchvisionMaskRCNN(TrainableAdapter):
                 ctx.validate(it + 1, self.predict)
                 self.model.train()
                 self.model.transform.min_size = train_sizes
+            self.checkpoint_due(it + 1, c.iterations, ctx, lambda d: self._write_resume(d, opt, scaler))
         self.model.transform.min_size = (c.min_size,)
         self.model.eval()
 
-    def _loader(self, images: list, instances: list[Instances], seed: int):
+    def _write_resume(self, folder: Path, opt, scaler) -> None:
+        """A mid-training checkpoint: what the next iteration needs (the LR is a function of the
+        iteration, :func:`step_lr`, so there is no scheduler state)."""
+        import torch
+
+        torch.save({"model": self.model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                    "rng": rng_state()}, folder / "resume.pt")
+
+    def _restore_resume(self, folder: Path, opt, scaler) -> None:
+        import torch
+
+        # on the CPU (RNG states must be); load_state_dict moves weights and optimizer state to the model's device
+        state = torch.load(folder / "resume.pt", map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if state["scaler"]:  # empty when written without AMP (a disabled GradScaler has no state)
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+
+    def _loader(self, images: list, instances: list[Instances], seed: int, start: int = 0):
         """Batches of (image, target): drawn with replacement, one augmentation seed per item, both
-        fixed up front, so the batches are the same whatever ``num_workers`` is."""
+        fixed up front, so the batches are the same whatever ``num_workers`` is; a fit resumed at
+        iteration ``start`` gets the batches from ``start`` on."""
         import torch
 
         c: TorchvisionMaskRCNNConfig = self.cfg  # type: ignore[assignment]
         rng = np.random.default_rng(seed)
         picks = rng.integers(0, len(images), c.iterations * c.batch_size)
         seeds = rng.integers(0, 2 ** 31 - 1, c.iterations * c.batch_size)
-        data = _TrainItems(images, instances, picks, seeds, c)
+        skip = start * c.batch_size
+        data = _TrainItems(images, instances, picks[skip:], seeds[skip:], c)
         return torch.utils.data.DataLoader(
             data, batch_size=c.batch_size, shuffle=False, num_workers=c.num_workers, collate_fn=list,
             pin_memory=str(self.device).startswith("cuda"), persistent_workers=False)

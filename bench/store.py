@@ -13,6 +13,8 @@ Layout (unchanged file names, so older ``results/`` read as before)::
         train_log.jsonl        one line per logged training step
         val_curve.jsonl        validation-curve points
         work/                  the adapter's scratch folder during fit
+        resume/                mid-training checkpoints (checkpoint_every): state.json + iter<k>/; removed
+                               once fit.done.json is written, kept while the fit is unfinished
         checkpoint/            what ``Adapter.save`` wrote (``checkpoint.tmp`` while being written)
         fit.done.json          FitDone: the fit stage finished (timings, memory)
         predictions.jsonl.gz   validation predictions
@@ -243,6 +245,7 @@ class ModelDir:
     train_log = property(lambda self: self.path / "train_log.jsonl")
     val_curve = property(lambda self: self.path / "val_curve.jsonl")
     work = property(lambda self: self.path / "work")
+    resume = property(lambda self: self.path / "resume")   # mid-training checkpoints (adapters/trainable.py)
     checkpoint = property(lambda self: self.path / "checkpoint")
     checkpoint_tmp = property(lambda self: self.path / "checkpoint.tmp")
     predictions = property(lambda self: self.path / "predictions.jsonl.gz")

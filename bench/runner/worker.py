@@ -133,10 +133,10 @@ def main(model_dir: Path) -> int:
         md.write_fit_done(FitDone(skipped=True, peak_rss_mb=_rss_mb(), device=device))
     else:
         md.write_status(Status(state="running", stage="fit", device=device))
-        log_path = md.train_log
-        log_path.unlink(missing_ok=True)  # an unfinished fit starts over: its log does too
-        curve_path = md.val_curve
-        curve_path.unlink(missing_ok=True)
+        log_path, curve_path = md.train_log, md.val_curve
+        if not md.resume.is_dir():  # an unfinished fit starts over: its log does too
+            log_path.unlink(missing_ok=True)
+            curve_path.unlink(missing_ok=True)
         bar = Progress(f"{job.label} train")
         steps = {"n": 0}
 
@@ -148,7 +148,8 @@ def main(model_dir: Path) -> int:
         ctx = FitContext(md.work, device, job.seed, progress,
                          lambda rec: append_jsonl(log_path, {**rec, "t": time.time()}),
                          val=list(val), eval_every=int(getattr(cfg, "eval_every", 0) or 0),
-                         log_val=lambda rec: append_jsonl(curve_path, {**rec, "t": time.time()}))
+                         log_val=lambda rec: append_jsonl(curve_path, {**rec, "t": time.time()}),
+                         resume_dir=md.resume, on_begin=lambda k: _trim_logs(md, k))
         ctx.workdir.mkdir(parents=True, exist_ok=True)
         seed_everything(job.seed)  # every model, trained or not (the trainable base seeds again: harmless)
         t0 = time.perf_counter()
@@ -156,11 +157,14 @@ def main(model_dir: Path) -> int:
         train_s = time.perf_counter() - t0 - ctx.validation_seconds
         bar.close()
         _save_checkpoint(adapter, md)
+        train_s += ctx.seconds_before  # a resumed fit: its interrupted attempts' training too
         md.write_fit_done(FitDone(
             train_seconds=train_s, validation_curve_seconds=ctx.validation_seconds,
             iterations=steps.get("total", steps["n"]),
             seconds_per_iteration=train_s / max(steps.get("total", steps["n"]) or 1, 1),
-            peak_rss_mb=_rss_mb(), cuda_peak_mb=_cuda_peak_mb(device), device=device))
+            peak_rss_mb=_rss_mb(), cuda_peak_mb=_cuda_peak_mb(device), device=device,
+            extra={"resumed_from_iteration": ctx.resumed_from} if ctx.resumed_from else {}))
+        _rmtree(md.resume)  # the finished fit's checkpoint supersedes its mid-training ones
 
     # ---- predict --------------------------------------------------------------------
     pred_path = md.predictions
@@ -255,6 +259,31 @@ def _save_checkpoint(adapter, md: ModelDir) -> None:
         raise OSError(e.errno, f"writing the checkpoint {tmp} failed: {e.strerror or e}") from None
     _rmtree(md.checkpoint)
     os.replace(tmp, md.checkpoint)
+
+
+def _trim_logs(md: ModelDir, iteration: int) -> None:
+    """A fit (re)starts at ``iteration``: its logs keep the records up to it (0: none), so a resumed
+    fit's log reads as one fit's."""
+    from bench.util import atomic_write_text
+
+    for path in (md.train_log, md.val_curve):
+        if not path.is_file():
+            continue
+        kept = [line for line in path.read_text().splitlines() if iteration and _step(line) <= iteration]
+        if kept:
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+        else:
+            path.unlink()
+
+
+def _step(line: str) -> float:
+    """The step of one log line; a line cut short by a kill counts as past every checkpoint."""
+    import json
+
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return float("inf")
 
 
 def _rmtree(p: Path) -> None:
