@@ -185,6 +185,11 @@ class FitContext:
         from bench.metrics.kaggle import quick_map
 
         t0 = time.perf_counter()
+        owner = getattr(predict, "__self__", None)  # the adapter's own predict: tiled as the final one is
+        if owner is not None and getattr(getattr(owner, "cfg", None), "predict_tile", 0):
+            from bench.tiling import predictor
+
+            predict = predictor(owner)
         preds = predict(list(self.val))
         value = quick_map([s.instances for s in self.val], preds)
         took = time.perf_counter() - t0
