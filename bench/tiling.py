@@ -27,7 +27,7 @@ image shrunk to 384 px loses its 7-px nuclei. The alternative, written once here
   Tiles are cut from the image *after* the input policy has been applied to the whole image and
   the adapter predicts them under the identity policy (``fixed`` on [0, 1] floats), so a tile's
   intensities are those of the whole image, as the training crops' are (per-tile percentiles would
-  stretch a dim tile). Adapters without a ``policy`` attribute get raw tiles.
+  stretch a dim tile). An adapter whose config has no ``input_norm`` gets raw tiles.
 
 Everything here works on :class:`~bench.data.sample.Instances` (run-length counts) and numpy; no
 framework import.
@@ -201,21 +201,27 @@ def tiles_of(sample: Sample, image: np.ndarray, tile: int, overlap: int) -> Iter
                                  None, dict(sample.meta), crop)
 
 
+def _has_policy(adapter) -> bool:
+    return hasattr(getattr(adapter, "cfg", None), "input_norm")
+
+
 @contextlib.contextmanager
-def _identity_policy(adapter) -> Iterator[bool]:
-    """While tiles are predicted, the adapter's input policy is the identity (the tiles were
-    normalised as a whole image); yields whether the adapter has a policy to swap."""
+def _identity_policy(adapter) -> Iterator[None]:
+    """While tiles are predicted, the adapter's input policy is the identity (``fixed`` on float
+    [0, 1] tiles, normalised as a whole image): its config says ``input_norm=fixed`` and, for a
+    trainable adapter, so does the policy it keeps (``TrainableAdapter.policy``)."""
     from bench.data.normalize import InputPolicy
 
-    old = getattr(adapter, "policy", None)
-    if not isinstance(old, InputPolicy):
-        yield False
-        return
-    adapter.policy = InputPolicy("fixed")
+    old_cfg, old_policy = adapter.cfg, getattr(adapter, "policy", None)
+    adapter.cfg = old_cfg.model_copy(update={"input_norm": "fixed"})
+    if isinstance(old_policy, InputPolicy):
+        adapter.policy = InputPolicy("fixed")
     try:
-        yield True
+        yield
     finally:
-        adapter.policy = old
+        adapter.cfg = old_cfg
+        if isinstance(old_policy, InputPolicy):
+            adapter.policy = old_policy
 
 
 def predict_tiled(adapter, samples: Sequence[Sample], tile: int, overlap: int) -> list[Instances]:
@@ -231,10 +237,12 @@ def predict_tiled(adapter, samples: Sequence[Sample], tile: int, overlap: int) -
     for k, s in enumerate(samples):
         if out[k] is not None:
             continue
-        has_policy = isinstance(getattr(adapter, "policy", None), InputPolicy)
-        image = normalize(s.image, adapter.policy) if has_policy else s.image
-        grid = list(tiles_of(s, image, tile, overlap))
-        with _identity_policy(adapter):
+        if _has_policy(adapter):
+            grid = list(tiles_of(s, normalize(s.image, InputPolicy.of(adapter.cfg)), tile, overlap))
+            with _identity_policy(adapter):
+                preds = adapter.predict([t for _, _, t in grid])
+        else:
+            grid = list(tiles_of(s, s.image, tile, overlap))
             preds = adapter.predict([t for _, _, t in grid])
         out[k] = stitch([(y0, x0, p) for (y0, x0, _), p in zip(grid, preds)], s.height, s.width, tile, overlap)
     return out  # type: ignore[return-value]

@@ -197,6 +197,7 @@ def test_maskrcnn_tv_trains_on_crops_with_auto_anchors_and_predicts_tiles(tiny_s
     assert len(t["boxes"]) and int(t["masks"].flatten(1).sum(1).min()) >= cfg.train_crop_min_area
     pred = predictor(a)(val)[0]
     assert (pred.height, pred.width) == (val[0].height, val[0].width) > (80, 80)  # 4 tiles
+    assert a.policy.norm == a.cfg.input_norm == "percentile"  # the tiles' identity policy is undone
     a.save(tmp_path / "ckpt")
     assert json.loads((tmp_path / "ckpt" / "meta.json").read_text())["extra"]["anchors"]["anchor_sizes"] == got
     b = build("maskrcnn-tv", ds.classes, "smoke")

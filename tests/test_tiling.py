@@ -76,16 +76,14 @@ class _Components:
     """A stand-in model: each connected bright blob is an instance (score = its mean brightness).
     Records the images it was given, to check what tiles look like."""
 
-    def __init__(self, policy=None):
-        self.cfg = None
+    def __init__(self, cfg=None):
+        self.cfg = cfg
         self.seen: list[np.ndarray] = []
-        if policy is not None:
-            self.policy = policy
 
     def predict(self, samples):
         out = []
         for s in samples:
-            img = normalize(s.image, self.policy) if hasattr(self, "policy") else s.image
+            img = normalize(s.image, InputPolicy.of(self.cfg)) if self.cfg is not None else s.image
             self.seen.append(img)
             lab, n = ndi.label(img > 0.5)
             inst = Instances.from_label_image(lab, cls_id=0)
@@ -132,15 +130,18 @@ def test_tiles_carry_the_whole_images_normalisation():
     img = rng.uniform(0, 100, (96, 200)).astype(np.float32)
     img[:, 120:] *= 10  # the right part is bright
     s = Sample("a", Instances.empty(96, 200, with_scores=False), _image=img)
-    policy = InputPolicy("percentile", (1.0, 99.8))
-    model = _Components(policy)
+    from bench.adapters.base import AdapterConfig
+
+    cfg = AdapterConfig(input_percentiles=(1.0, 99.8))
+    policy = InputPolicy.of(cfg)
+    model = _Components(cfg)
     tiling.predict_tiled(model, [s], 96, 16)
     whole = normalize(img, policy)
     starts = tiling.tile_starts(200, 96, 16)
     assert len(model.seen) == len(starts)
     for x0, seen in zip(starts, model.seen):
         np.testing.assert_allclose(seen, whole[:, x0:x0 + 96], atol=1e-6)
-    assert model.policy == policy  # restored
+    assert model.cfg is cfg  # restored
 
 
 # ---------------------------------------------------------------------------
