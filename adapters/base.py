@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bench.data.sample import Instances, Sample
 
@@ -42,6 +42,10 @@ class AdapterConfig(BaseModel):
     # cellbench's test-time augmentation (bench/tta.py), the same for every model: none, flip,
     # scale, flip+scale, ... (a framework's own TTA, e.g. Cellpose's, is that adapter's native_tta)
     tta: str = "none"
+    # images larger than this (px) are predicted as overlapping tiles stitched back at native scale
+    # (bench/tiling.py), the same for every model; 0: whole images, as the model is
+    predict_tile: int = Field(0, ge=0)
+    predict_tile_overlap: int = Field(64, ge=0)   # px shared by neighbouring tiles (> a cell's diameter)
 
     @field_validator("tta")
     @classmethod
@@ -49,6 +53,13 @@ class AdapterConfig(BaseModel):
         from bench.tta import validate_tta
 
         return validate_tta(v)
+
+    @model_validator(mode="after")
+    def _tile_overlap(self):
+        if self.predict_tile and self.predict_tile_overlap >= self.predict_tile:
+            raise ValueError(f"predict_tile_overlap={self.predict_tile_overlap} must be smaller than "
+                             f"predict_tile={self.predict_tile}")
+        return self
 
     @field_validator("input_percentiles")
     @classmethod
@@ -199,6 +210,11 @@ class FitContext:
         from bench.metrics.kaggle import quick_map
 
         t0 = time.perf_counter()
+        owner = getattr(predict, "__self__", None)  # the adapter's own predict: tiled as the final one is
+        if owner is not None and getattr(getattr(owner, "cfg", None), "predict_tile", 0):
+            from bench.tiling import predictor
+
+            predict = predictor(owner)
         preds = predict(list(self.val))
         value = quick_map([s.instances for s in self.val], preds)
         took = time.perf_counter() - t0

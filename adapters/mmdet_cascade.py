@@ -95,7 +95,8 @@ class CascadeConfig(AdapterConfig):
     bbox_fc_channels: int = Field(1024, ge=16)    # the two shared FCs of each cascade box head
     mask_convs: int = Field(4, ge=1)              # 3x3 convs of the FCN mask head
     # --- anchors / proposals / detections -----------------------------------
-    anchor_scales: list[float] = Field(default_factory=lambda: [2.0])  # x FPN stride (4..64): 8..128 px
+    # x FPN stride (4..64): 8..128 px; auto: from the training instances' sizes (bench/anchors.py)
+    anchor_scales: list[float] | Literal["auto"] = Field(default_factory=lambda: [2.0])
     anchor_ratios: list[float] = Field(default_factory=lambda: [0.33, 1.0, 3.0])
     rpn_sample_num: int = Field(256, ge=16)       # anchors sampled per image for the RPN loss
     rcnn_sample_num: int = Field(512, ge=16)      # RoIs sampled per image per cascade stage
@@ -111,6 +112,9 @@ class CascadeConfig(AdapterConfig):
     image_scale: float = Field(1.0, gt=0.0, le=8.0)    # resize factor, training and inference
     train_scales: list[float] = Field(default_factory=lambda: [1.0])  # x image_scale, one drawn per image
     augment: Literal["none", "default"] = "default"     # default: horizontal / vertical / diagonal flips
+    # images larger than this train on random crops of it, before the resize (bench/tiling.py; 0: off)
+    train_crop: int = Field(0, ge=0)
+    train_crop_min_area: int = Field(10, ge=1)   # with train_crop: smaller clipped instances are dropped
     # --- schedule -------------------------------------------------------------
     iterations: int = Field(30000, ge=1)
     batch_size: int = Field(2, ge=1)
@@ -132,6 +136,8 @@ class CascadeConfig(AdapterConfig):
     @field_validator("anchor_scales", "anchor_ratios", "train_scales")
     @classmethod
     def _positive_list(cls, v: list[float]) -> list[float]:
+        if v == "auto":
+            return v
         if not v or any(x <= 0 for x in v):
             raise ValueError("must be a non-empty list of positive numbers")
         return v
@@ -167,7 +173,9 @@ class CascadeMaskRCNNAdapter(TrainableAdapter):
         "log_every": "default_hooks.logger.interval", "grad_clip": "optim_wrapper.clip_grad.max_norm",
         "num_workers": "train_dataloader.num_workers",
         "predict_batch_size": "images per model.test_step(pseudo_collate([...]))",
-        "checkpoint_every": "Runner.save_checkpoint every N iterations; Runner(resume=True, load_from=...)"}
+        "checkpoint_every": "Runner.save_checkpoint every N iterations; Runner(resume=True, load_from=...)",
+        "train_crop": "train pipeline RandomCrop (absolute) + FilterAnnotations(min_gt_mask_area)",
+        "train_crop_min_area": "FilterAnnotations.min_gt_mask_area"}
     resumes_mid_training = True
 
     def __init__(self, cfg: AdapterConfig, classes: Sequence[str], device: str = "cpu"):
@@ -176,6 +184,7 @@ class CascadeMaskRCNNAdapter(TrainableAdapter):
         # per-channel mean/std of the training images after the input policy (the data preprocessor's)
         self.pixel_mean: list[float] | None = None
         self.pixel_std: list[float] | None = None
+        self.anchors: dict | None = None   # anchor_scales=auto: what was derived (meta.json)
 
     def _image(self, image: np.ndarray) -> np.ndarray:
         """A raw image -> the H x W x 3 uint8 array mmdet reads (training PNG) or is fed (prediction)."""
@@ -195,6 +204,7 @@ class CascadeMaskRCNNAdapter(TrainableAdapter):
         if data_dir.is_dir():  # ours, from an earlier attempt in the same folder
             shutil.rmtree(data_dir)
         n_ann, self.pixel_mean, self.pixel_std = _write_coco(train, self.classes, data_dir, self._image)
+        self.anchors = auto_anchor_scales(c, [s.instances for s in train]) if c.anchor_scales == "auto" else None
         if n_ann == 0:
             raise ValueError("cascade: the training samples have no instances to learn from")
         use_cuda = self.device.startswith("cuda")
@@ -316,10 +326,12 @@ class CascadeMaskRCNNAdapter(TrainableAdapter):
     def checkpoint_extra(self) -> dict:
         import mmdet
 
-        return {"pixel_mean": self.pixel_mean, "pixel_std": self.pixel_std, "mmdet_version": mmdet.__version__}
+        return {"pixel_mean": self.pixel_mean, "pixel_std": self.pixel_std, "mmdet_version": mmdet.__version__,
+                "anchors": self.anchors}
 
     def restore_extra(self, extra: dict) -> None:
         self.pixel_mean, self.pixel_std = extra["pixel_mean"], extra["pixel_std"]
+        self.anchors = extra.get("anchors")
 
     def load_weights(self, directory: Path) -> None:
         import torch
@@ -361,7 +373,10 @@ class CascadeMaskRCNNAdapter(TrainableAdapter):
 
         rpn = m["rpn_head"]
         rpn.update(in_channels=c.fpn_channels, feat_channels=c.fpn_channels)
-        rpn["anchor_generator"].update(scales=list(c.anchor_scales), ratios=list(c.anchor_ratios),
+        scales = self.anchors["anchor_scales"] if self.anchors else c.anchor_scales
+        if scales == "auto":
+            raise ValueError("cascade: anchor_scales=auto needs the training set (fit) or a checkpoint (load)")
+        rpn["anchor_generator"].update(scales=list(scales), ratios=list(c.anchor_ratios),
                                        strides=list(FPN_STRIDES))
         roi = m["roi_head"]
         roi["bbox_roi_extractor"]["out_channels"] = c.fpn_channels
@@ -404,6 +419,7 @@ class CascadeMaskRCNNAdapter(TrainableAdapter):
         pipe = [
             dict(type="LoadImageFromFile", backend_args=None),  # 3-channel PNG, read back unchanged
             dict(type="LoadAnnotations", with_bbox=True, with_mask=True),
+            *train_crop_steps(c),
             resize,
         ]
         if c.augment != "none":
@@ -452,6 +468,31 @@ class CascadeMaskRCNNAdapter(TrainableAdapter):
 # ---------------------------------------------------------------------------
 # images and annotations
 # ---------------------------------------------------------------------------
+
+def train_crop_steps(c: CascadeConfig) -> list[dict]:
+    """``train_crop`` as MMDetection pipeline steps, the rule of :mod:`bench.tiling`: a uniform
+    ``min(crop, H) x min(crop, W)`` window before the resize, instances clipped (boxes recomputed from
+    the clipped masks), those under ``train_crop_min_area`` pixels dropped; a crop without instances
+    trains as background (``allow_negative_crop``), as in the other detectors."""
+    if not c.train_crop:
+        return []
+    return [dict(type="RandomCrop", crop_size=(c.train_crop, c.train_crop), crop_type="absolute",
+                 allow_negative_crop=True, recompute_bbox=True, bbox_clip_border=True),
+            dict(type="FilterAnnotations", min_gt_mask_area=c.train_crop_min_area, by_box=False, by_mask=True,
+                 keep_empty=False)]
+
+
+def auto_anchor_scales(c: CascadeConfig, instances: Sequence[Instances]) -> dict:
+    """``anchor_scales=auto``: the octave anchors of :mod:`bench.anchors` for the instances at
+    ``image_scale``, as one scale per FPN stride (their geometric mean: the sizes are octaves, as the
+    strides are)."""
+    from bench.anchors import auto_anchor_sizes, instance_sizes, summary
+
+    sizes = instance_sizes(instances, [c.image_scale] * len(instances))
+    anchors = auto_anchor_sizes(sizes, len(FPN_STRIDES))
+    scale = float(np.exp(np.mean(np.log(np.asarray(anchors, float) / np.asarray(FPN_STRIDES, float)))))
+    return {**summary(sizes, [scale * st for st in FPN_STRIDES]), "anchor_scales": [round(scale, 4)]}
+
 
 def _write_coco(train: Sequence[Sample], classes: Sequence[str], data_dir: Path,
                 image_fn: Callable[[np.ndarray], np.ndarray]) -> tuple[int, list[float], list[float]]:

@@ -53,6 +53,9 @@ VOCABULARY: dict[str, str] = {
     "epochs": "passes over the training images (epoch-based frameworks: Cellpose, YOLO; StarDist's fixed-length epochs)",
     "steps_per_epoch": "optimiser steps per epoch where the framework fixes an epoch's length (StarDist)",
     "patch_size": "training crop (h, w) in pixels, where the framework trains on crops (StarDist)",
+    "train_crop": "detectors: images larger than this (px) train on random crops of it, before the resize "
+                  "(bench/tiling.py; 0: off)",
+    "train_crop_min_area": "with train_crop: instances left with fewer pixels by the crop are dropped",
     "lr": "base learning rate",
     "batch_size": "images per optimiser step",
     "weight_decay": "L2 weight decay",

@@ -23,6 +23,7 @@ from bench.data.errors import DataError
 from bench.data.io import IMAGE_SUFFIXES, read_image
 from bench.data.sample import Instances, Sample
 from bench.store import Job, Manifest, RunDir
+from bench.tiling import predictor as tiled_predictor
 from bench.tune import apply_tuning, with_scores
 
 
@@ -127,7 +128,7 @@ def infer_folder(lm: LoadedModel, paths: list[Path], mode: str = "tuned", skip_b
             continue
         h, w = img.shape[:2]
         s = Sample(image_id=p.stem, instances=Instances.empty(h, w, with_scores=False), path=p, _image=img)
-        pred = lm.adapter.predict([s])[0]
+        pred = tiled_predictor(lm.adapter)([s])[0]
         if (pred.height, pred.width) != (h, w):
             raise RuntimeError(f"{lm.label}: prediction for {p} is {pred.width}x{pred.height}, image is {w}x{h}")
         pred = with_scores(pred)

@@ -42,6 +42,7 @@ def tta_model(run_dir: Path, model: str, tta: str, device: str = "cpu", echo=pri
     from bench.infer import load_model
     from bench.metrics.bootstrap import paired_bootstrap
     from bench.metrics.evaluator import evaluate_predictions
+    from bench.tiling import predictor as tiled_predictor
     from bench.tta import TTAPredictor, check_supported, validate_tta, write_raw_outputs
 
     run = RunDir(run_dir)
@@ -64,7 +65,7 @@ def tta_model(run_dir: Path, model: str, tta: str, device: str = "cpu", echo=pri
     samples = list(val)
     for s in samples:
         s._image = s.image
-    predictor = TTAPredictor(lm.adapter.predict, tta, resolve_overlaps=not job.resolve_overlaps)
+    predictor = TTAPredictor(tiled_predictor(lm.adapter), tta, resolve_overlaps=not job.resolve_overlaps)
     if samples:
         predictor(samples[0], record=False)  # warm-up, as the worker does
     preds, times = {}, []

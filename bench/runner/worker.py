@@ -91,6 +91,7 @@ def main(model_dir: Path) -> int:
     from bench.data.predictions import read_predictions, write_predictions
     from bench.data.split import read_split
     from bench.metrics.evaluator import evaluate_predictions
+    from bench.tiling import predictor as tiled_predictor
     from bench.tta import TTAPredictor, write_raw_outputs
 
     md = ModelDir(model_dir)
@@ -178,7 +179,7 @@ def main(model_dir: Path) -> int:
             s._image = s.image
         io_s = time.perf_counter() - t_io
         warmup = min(job.warmup, len(samples))
-        predictor = TTAPredictor(adapter.predict, getattr(cfg, "tta", "none"),  # plain predict unless tta
+        predictor = TTAPredictor(tiled_predictor(adapter), getattr(cfg, "tta", "none"),  # plain unless tta/tiles
                                  resolve_overlaps=not job.resolve_overlaps)
         for s in samples[:warmup]:
             predictor(s, record=False)
@@ -196,7 +197,7 @@ def main(model_dir: Path) -> int:
         for start in range(0, len(samples), batch):
             chunk = samples[start:start + batch]
             t0 = time.perf_counter()
-            outs = [predictor(s) for s in chunk] if predictor.active else adapter.predict(chunk)
+            outs = [predictor(s) for s in chunk] if predictor.active else predictor.predict(chunk)
             _sync(device)
             times += [(time.perf_counter() - t0) / len(chunk)] * len(chunk)
             preds.update({s.image_id: out for s, out in zip(chunk, outs)})
