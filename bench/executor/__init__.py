@@ -89,7 +89,7 @@ def _sweep_tasks(spec: ExecutorSpec, sweep: SweepDir, manifest: dict, v: str, s:
     its fine-tune waiting for the last; an ensemble waits for its members' jobs of the seed."""
     from bench.adapters import registry
     from bench.executor.job import SweepJob
-    from bench.executor.resources import Resources, given, job_gpus, model_resources
+    from bench.executor.resources import Resources, job_gpus, job_resources
     from bench.executor.status import run_done
     from bench.executor.task import Task
     from bench.sweep import SweepConfig, variant_model, variant_preset
@@ -102,7 +102,7 @@ def _sweep_tasks(spec: ExecutorSpec, sweep: SweepDir, manifest: dict, v: str, s:
         return [Task(f"{v}/seed{s}", sweep.job(v, s), [path, v, str(s)], SweepJob(), (path, v, s, None),
                      Resources(gpus=0, cpus=1), 0, after, f"{v} seed {s}")]
     model = variant_model(cfg, v)
-    res = given(spec.slurm).over(model_resources(model, variant_preset(cfg, v, request["preset"])))
+    res = job_resources(model, variant_preset(cfg, v, request["preset"]), spec.slurm)
     try:
         gpus = job_gpus(res, request["device"], registry.get(model).capabilities.devices)
     except ValueError as e:

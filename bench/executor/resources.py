@@ -104,6 +104,13 @@ def given(opts: Any) -> Resources:
     return Resources(**{k: getattr(opts, k) for k in KEYS if k in opts.model_fields_set})
 
 
+def job_resources(model: str, preset: str, opts: Any, config_root: Path | None = None) -> Resources:
+    """A job's resources: the model's (its preset's) under what the sweep file's ``slurm:`` section
+    and ``--slurm`` said (``opts``: the :class:`SlurmOptions` made of both, the command line's over
+    the file's)."""
+    return given(opts).over(model_resources(model, preset, config_root))
+
+
 def job_gpus(res: Resources, device: str, model_devices: tuple[str, ...]) -> int:
     """GPUs the job takes: none on a CPU run or for a model that runs on the CPU only (the runner's
     plan puts it there), else the resources' count (1 when unsaid; 0 for a job on cuda: ValueError)."""

@@ -16,7 +16,7 @@ from typing import Any
 from bench.adapters import registry
 from bench.adapters.registry import ConfigError
 from bench.executor.options import ExecutorSpec
-from bench.executor.resources import given, job_gpus, model_resources
+from bench.executor.resources import job_gpus, job_resources
 from bench.executor.task import Task
 from bench.store import Manifest, RunDir, model_label
 from bench.util import atomic_write_json
@@ -35,7 +35,7 @@ def model_tasks(spec: ExecutorSpec, run: RunDir, manifest: Manifest, specs: list
             continue
         name = registry.parse_spec(s)[0]
         plan = plans[s]
-        res = given(spec.slurm).over(model_resources(name, manifest.preset, config_root))
+        res = job_resources(name, manifest.preset, spec.slurm, config_root)
         try:
             gpus = job_gpus(res, plan.device, registry.get(name).capabilities.devices)
         except ValueError as e:

@@ -94,9 +94,11 @@ class SlurmExecutor:
         self.name = name
         self.echo = echo
 
-    def _submitit(self, folder: Path, probe: bool = False, res: Resources | None = None, after: list[str] = ()):
+    def _submitit(self, folder: Path, probe: bool = False, res: Resources | None = None, gpus: int | None = None,
+                  after: list[str] = ()):
         """submitit's executor for jobs of resources ``res`` (the model's, under the sweep file's and
-        ``--slurm``'s, bench.executor.resources), waiting for the SLURM jobs ``after`` (afterok)."""
+        ``--slurm``'s, bench.executor.resources) with ``gpus`` GPUs (none on a CPU run), waiting for
+        the SLURM jobs ``after`` (afterok)."""
         import submitit
 
         o = self.opts
@@ -114,7 +116,7 @@ class SlurmExecutor:
         for key, value in (("partition", o.partition), ("account", o.account), ("qos", o.qos)):
             if value:
                 params[key] = value
-        gpus = res.gpus if res.gpus is not None else o.gpus
+        gpus = o.gpus if gpus is None else gpus
         if gpus and not probe:
             params["gpus_per_node"] = gpus
         mem = res.mem_gb or o.mem_gb
@@ -176,9 +178,9 @@ class SlurmExecutor:
         free = [t for t in tasks if not any(a in ids or a in {x.key for x in tasks} for a in t.after)]
         groups: dict[tuple, list[Task]] = {}
         for t in free:
-            groups.setdefault((type(t.call).__name__, t.resources.key()), []).append(t)
+            groups.setdefault((type(t.call).__name__, t.resources.key(), t.gpus), []).append(t)
         for group in groups.values():
-            ex = self._submitit(slurm_dir, res=group[0].resources)
+            ex = self._submitit(slurm_dir, res=group[0].resources, gpus=group[0].gpus)
             cols = list(zip(*(t.args for t in group)))
             jobs = self._submit(f"job array of {len(group)} ({group[0].resources.describe()})",
                                 lambda: ex.map_array(group[0].call, *cols))
@@ -188,7 +190,7 @@ class SlurmExecutor:
             if t.key in out:
                 continue
             after = [ids[a] for a in t.after if a in ids]
-            ex = self._submitit(slurm_dir, res=t.resources, after=after)
+            ex = self._submitit(slurm_dir, res=t.resources, gpus=t.gpus, after=after)
             record(t, self._submit(f"job {t.what} (after {', '.join(after)})", lambda: ex.submit(t.call, *t.args)))
         return out
 
