@@ -246,3 +246,38 @@ def test_bench_run_models_as_slurm_jobs(tmp_path, tiny_synth):
     ids = {k: v["executor"]["slurm_job_id"] for k, v in manifest["models_state"].items()}
     assert len(set(ids.values())) == 2
     assert "2 done" in status_text(run)
+
+
+def test_bench_run_resume_watches_a_model_job_still_queued(tmp_path, tiny_synth):
+    """As for sweeps: the ``bench run`` that submitted dies; ``--resume`` watches the model's job
+    still in the queue instead of submitting it again (one job, one fit)."""
+    import os
+    import signal
+    import sys
+
+    from bench.runner.run import run_benchmark
+
+    counter = tmp_path / "count"
+    counter.mkdir()
+    model = f"fake:counter_dir={counter},fit_sleep=8"
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--models", model, "--data", str(tiny_synth),
+                             "--device", "cpu", "--out", str(out), "--executor", "slurm", "--slurm", "probe=false"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def job_id():
+        try:
+            states = json.loads((out / "manifest.json").read_text())["models_state"]
+            return next(iter(states.values()))["executor"]["slurm_job_id"]
+        except (OSError, KeyError, StopIteration, json.JSONDecodeError):
+            return None
+
+    job = _wait(job_id, 120, "bench run to submit its model's job")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _queue_state(job) in ("PENDING", "RUNNING")
+    _, outcomes = run_benchmark([model], None, "smoke", "cpu", 0, out, resume=True, results=tmp_path / "r",
+                                echo=lambda *_: None, executor=ExecutorSpec(name="slurm"))
+    assert [o.state for o in outcomes] == ["done"] and job_id() == job
+    assert int((counter / "fit.count").read_text()) == 1

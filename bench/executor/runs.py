@@ -69,8 +69,11 @@ def run_model_jobs(spec: ExecutorSpec, run: RunDir, manifest: Manifest, specs: l
     if spec.name == "slurm":
         from bench.executor.slurm import SlurmExecutor
 
+        attach = _queued(manifest, [t.key for t in tasks])
+        tasks = [t for t in tasks if t.key not in attach]
         SlurmExecutor(spec.slurm, name=f"cellbench-run-{run.path.name}", echo=echo).run(
-            run.path, run.slurm_dir, run.manifest_path, tasks, on_state)
+            run.path, run.slurm_dir, run.manifest_path, tasks, on_state, attach=attach,
+            folders={k: run.job(k) for k in attach})
     else:
         from bench.executor.local import LocalExecutor
 
@@ -88,4 +91,22 @@ def run_model_jobs(spec: ExecutorSpec, run: RunDir, manifest: Manifest, specs: l
         m = md.read_metrics() if st["state"] == "done" else {}
         out.append(ModelOutcome(label, st["state"], str(st.get("detail", "")), m or {},
                                 st.get("device") or plans[s].device))
+    return out
+
+
+def _queued(manifest: Manifest, labels: list[str]) -> dict[str, dict]:
+    """Models whose SLURM job of an earlier ``bench run`` (its state in the manifest) is still queued:
+    watched again, never submitted twice."""
+    from bench.executor.slurm import ExecutorError, queue, require_sbatch
+
+    require_sbatch()
+    q = queue()
+    if q is None:
+        raise ExecutorError("squeue does not answer: cannot tell which models' jobs are still queued, so nothing "
+                            "was submitted; try again when the controller answers")
+    out = {}
+    for label in labels:
+        ex = manifest.models_state.get(label, {}).get("executor", {})
+        if ex.get("slurm_job_id") in q:
+            out[label] = ex
     return out
