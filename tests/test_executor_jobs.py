@@ -208,3 +208,21 @@ def test_a_fine_tune_waits_for_its_stage_and_is_not_run_when_it_failed(tmp_path,
     # the fine-tune started from the last stage's weights
     log = (out / "runs/two/seed0/models/fake/train_log.jsonl").read_text()
     assert "seed0-pretrain1" in log
+
+
+def test_an_ensemble_job_waits_for_its_members(tmp_path, tiny_synth):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"""
+name: ens-jobs
+base: {{model: watershed, preset: smoke, data: {tiny_synth}}}
+variants:
+  base: {{}}
+  otsu-low: {{options: {{threshold_scale: 0.8}}}}
+  ens: {{ensemble: {{members: [base, otsu-low], method: score-average, tune: false}}}}
+""")
+    out, states = run_sweep(cfg, out=tmp_path / "sweep", results=tmp_path / "results", echo=lambda *_: None,
+                            variants=["ens"], executor=ExecutorSpec(jobs=2))
+    assert {k: v["state"] for k, v in states.items()} == dict.fromkeys(states, "done") and len(states) == 3
+    started = (out / "runs/ens/seed0/executor.json").stat().st_mtime
+    for m in ("base", "otsu-low"):
+        assert next((out / "runs" / m / "seed0").glob("models/*/metrics.json")).stat().st_mtime <= started
