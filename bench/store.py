@@ -28,6 +28,9 @@ Layout (unchanged file names, so older ``results/`` read as before)::
 
     SWEEP/sweep.json, SWEEP/split.json, SWEEP/runs/<variant>/seed<k>[-pretrain<j>]/  (SweepDir)
     SWEEP/jobs/<variant>/seed<k>/   SweepJobDir: request.json, state.json, log.txt of an executor's job
+    SWEEP/jobs/<variant>/seed<k>-pretrain<j>/   the same for a pretrain stage's own job
+    RUN/jobs/<label>/               the same for one model's job of ``bench run --jobs N`` / SLURM
+    RUN/slurm/                      submitit's folder of ``bench run --executor slurm``
     SWEEP/slurm/                    submitit's folder (sbatch scripts, pickles, %j_%t_log.out/.err)
 
 Nothing else in ``bench`` spells these names. Records are written atomically
@@ -459,6 +462,13 @@ class RunDir:
     def write_manifest(self, manifest: Manifest) -> None:
         manifest.write(self.manifest_path)
 
+    jobs_dir = property(lambda self: self.path / "jobs")
+    slurm_dir = property(lambda self: self.path / "slurm")
+
+    def job(self, label: str) -> "SweepJobDir":
+        """One model's executor job (``bench run --jobs N`` / ``--executor slurm``)."""
+        return SweepJobDir(self.jobs_dir / label)
+
     def model(self, label: str) -> ModelDir:
         return ModelDir(self.models_dir / label)
 
@@ -518,6 +528,9 @@ class SweepDir:
 
     def job(self, variant: str, seed: int) -> "SweepJobDir":
         return SweepJobDir(self.jobs_dir / variant / f"seed{seed}")
+
+    def stage_job(self, variant: str, seed: int, stage: int) -> "SweepJobDir":
+        return SweepJobDir(self.jobs_dir / variant / f"seed{seed}-pretrain{stage}")
 
     def read_manifest(self) -> dict | None:
         return json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else None
