@@ -35,6 +35,13 @@ from bench.data.sample import Instances
 PROB_LEVELS = 255  # uint8 quantisation of a probability in [0, 1]
 
 
+def file_digest(path) -> str:
+    """sha1 of a file's bytes: ties the raw cache to the predictions file published from it."""
+    import hashlib
+
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+
+
 def publish(inst: Instances, threshold: float | None) -> Instances:
     """The instances scoring strictly above ``threshold`` (float32 comparison, as the frameworks)."""
     if threshold is None or inst.scores is None or len(inst.counts) == 0:
@@ -143,6 +150,8 @@ def cached_predictions(md) -> tuple[dict[str, Instances], str, float] | None:
     raw, header = read_raw_outputs(md.raw_outputs)
     if header.get("score_floor") is None:
         return None
+    if header.get("predictions_sha1") and header["predictions_sha1"] != file_digest(md.predictions):
+        return None  # the predictions were rewritten since (by hand, or by a tool): the cache is not theirs
     out = {}
     for iid, passes in raw.items():
         if len(passes) == 1:

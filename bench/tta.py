@@ -288,10 +288,14 @@ class TTAPredictor:
                 self.raw[sample.image_id] = {a.name: o for a, o in zip(self.augs, outs)}
         return merged
 
-    def raw_header(self, floor: float | None) -> dict:
-        """What the raw cache's header says about how it was made (bench/raw.py reads it)."""
+    def raw_header(self, floor: float | None, predictions=None) -> dict:
+        """What the raw cache's header says about how it was made (bench/raw.py reads it), with the
+        digest of the ``predictions`` file published from it (a cache no longer matching is not used)."""
+        from bench.raw import file_digest
+
         return {"score_floor": floor, "score_threshold": self.threshold, "passes": [a.name for a in self.augs],
-                "resolve_overlaps_after_merge": bool(self.resolve_overlaps and self.active)}
+                "resolve_overlaps_after_merge": bool(self.resolve_overlaps and self.active),
+                "predictions_sha1": file_digest(predictions) if predictions is not None else None}
 
     def timing(self) -> dict:
         """What ``predict.done.json`` records about TTA (empty without TTA)."""

@@ -91,7 +91,7 @@ def tta_model(run_dir: Path, model: str, tta: str, device: str = "cpu", echo=pri
             FitDone(skipped=True).write(out.fit_done)
         meta = {"model": spec, "split": split["hash"]}
         write_predictions(out.predictions, preds, ds.classes, meta)
-        write_raw_outputs(out.raw_outputs, predictor.raw, ds.classes, {**meta, **predictor.raw_header(floor)})
+        write_raw_outputs(out.raw_outputs, predictor.raw, ds.classes, {**meta, **predictor.raw_header(floor, out.predictions)})
         write_raw_maps(out, predictor.maps, {"model": spec})
         out.write_predict_done(PredictDone(
             images=len(samples), warmup_images=min(1, len(samples)),

@@ -103,6 +103,12 @@ def test_worker_writes_the_raw_cache_and_tune_reads_it(tiny_synth, tmp_path):
     assert t["source"].startswith("raw outputs") and t["score_floor"] == 0.05
     assert t["untuned"] == pytest.approx(m["kaggle_map"], abs=1e-12)   # untuned: as published
     assert t["tuned_in_sample"] >= t["untuned"] - 1e-12                 # 0.2 is on the grid
+    # predictions rewritten since (by hand or a tool): the cache is no longer theirs and is not used
+    from bench.data.predictions import write_predictions
+
+    write_predictions(md.predictions, dict(list(preds.items())[:1]), ["a", "b", "c"], {"model": "edited"})
+    assert cached_predictions(md) is None
+    assert tune_run(run_dir, echo=lambda *_: None)[md.label]["source"].startswith("predictions")
 
 
 def test_cellpose_caches_its_cell_probability_map(tiny_synth, tmp_path):
@@ -117,7 +123,7 @@ def test_cellpose_caches_its_cell_probability_map(tiny_synth, tmp_path):
     md = ModelDir(next((run_dir / "models").iterdir()))
     done = json.loads(md.predict_done.read_text())
     files = sorted(md.raw_maps.iterdir())
-    assert len(files) == done["images"] and done["extra"]["raw_map_bytes_per_image"] > 0
+    assert len(files) == done["images"] and done["raw_map_bytes_per_image"] > 0
     maps, header = read_maps(files[0])
     prob = maps["cellprob"]
     assert prob.shape == (128, 128) and 0.0 <= prob.min() and prob.max() <= 1.0
@@ -153,8 +159,8 @@ def test_detectron2_scale_tta_end_to_end(tiny_synth, tmp_path):
     from bench.store import ModelDir
     from bench.tta import read_raw_outputs
 
-    spec = ("maskrcnn:iterations=4,lr_steps=[3],warmup_iters=1,min_size_train=[128],min_size_test=0,"
-            "num_workers=0,tta=scale")
+    spec = ("maskrcnn:iterations=2,lr_steps=[],warmup_iters=1,min_size_train=[128],min_size_test=0,"
+            "num_workers=0,detections_per_image=30,tta=scale")
     run_dir, out = run_benchmark([spec], str(tiny_synth), "smoke", "cpu", 0, tmp_path / "run",
                                  results=tmp_path / "results", echo=lambda *_: None)
     assert [o.state for o in out] == ["done"]

@@ -206,7 +206,7 @@ def main(model_dir: Path) -> int:
         write_predictions(pred_path, preds, dataset.classes, {"model": job.spec, "split": split["hash"]})
         # every pass (inverted, before merging) down to the raw floor: post-processing needs no inference
         write_raw_outputs(md.raw_outputs, predictor.raw, dataset.classes,
-                          {"model": job.spec, "split": split["hash"], **predictor.raw_header(floor)})
+                          {"model": job.spec, "split": split["hash"], **predictor.raw_header(floor, pred_path)})
         raw_map_bytes = write_raw_maps(md, predictor.maps, {"model": job.spec})
         md.write_predict_done(PredictDone(
             images=len(samples), warmup_images=warmup,
