@@ -46,6 +46,10 @@ class AdapterConfig(BaseModel):
     # (bench/tiling.py), the same for every model; 0: whole images, as the model is
     predict_tile: int = Field(0, ge=0)
     predict_tile_overlap: int = Field(64, ge=0)   # px shared by neighbouring tiles (> a cell's diameter)
+    # the raw-output cache (bench/raw.py): an adapter with a score threshold of its own predicts down
+    # to this floor once, the cache keeps all of it and the published predictions keep what passes
+    # the configured threshold, as before
+    raw_floor: float = Field(0.05, ge=0, le=1)
 
     @field_validator("tta")
     @classmethod
@@ -269,6 +273,32 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     def fit(self, train: Sequence[Sample], val: Sequence[Sample], cfg: AdapterConfig, ctx: FitContext) -> None:
         """Train on ``train`` (``val`` only for monitoring; never for model selection by default)."""
+
+    # ---- raw outputs (bench/raw.py) --------------------------------------------------
+    # while the worker captures raw outputs: the floor the adapter predicts down to instead of
+    # its configured score threshold, and where it appends per-pixel maps, one dict per sample
+    raw_floor: float | None = None
+    raw_maps: list | None = None
+
+    def score_threshold(self) -> float | None:
+        """The configured instance score threshold its published predictions keep scores above
+        (strictly, as the frameworks do); None: it has none, raw and published are the same."""
+        return None
+
+    def predict_threshold(self) -> float | None:
+        """The threshold to hand the framework now: the configured one, or the raw floor if lower."""
+        thr = self.score_threshold()
+        return thr if thr is None or self.raw_floor is None else min(thr, self.raw_floor)
+
+    def keep_map(self, **maps) -> None:
+        """Record per-pixel maps of the sample just predicted (only while raw maps are captured)."""
+        if self.raw_maps is not None:
+            self.raw_maps.append(maps)
+
+    @classmethod
+    def tta_capabilities(cls, cfg: AdapterConfig) -> Capabilities:
+        """The capabilities for this config (an adapter whose TTA support depends on an option overrides)."""
+        return cls.capabilities
 
     @abc.abstractmethod
     def predict(self, samples: Sequence[Sample]) -> list[Instances]:

@@ -33,6 +33,7 @@ How the pieces fit:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import uuid
 from pathlib import Path
@@ -403,7 +404,8 @@ class Detectron2MaskRCNN(TrainableAdapter):
     install_hint = "detectron2 has no PyPI package: make setup-detectron2 D2_SRC=<path or git URL of its official source>"
     capabilities = Capabilities(predicts_classes=True, overlapping_masks=True, tta=("flip",),
                                 tta_note="it resizes every image to its own fixed size (min_size_test), which undoes a "
-                                         "scale pass before the network sees it")
+                                         "scale pass before the network sees it; min_size_test=0 keeps each image's "
+                                         "own size and allows scale")
     Config = D2MaskRCNNConfig
     warm_start_name = WEIGHTS_FILE
     framework_keys = {
@@ -520,6 +522,16 @@ class Detectron2MaskRCNN(TrainableAdapter):
         torch.save(model.state_dict(), work / WEIGHTS_FILE)
 
     # ---- inference ----------------------------------------------------------
+    def score_threshold(self) -> float | None:
+        return float(self.cfg.score_thresh_test)  # type: ignore[attr-defined]
+
+    @classmethod
+    def tta_capabilities(cls, cfg) -> Capabilities:
+        """``min_size_test=0``: the image is used at its own size, so a scale pass reaches the network."""
+        if getattr(cfg, "min_size_test", None) == 0:
+            return dataclasses.replace(cls.capabilities, tta=("flip", "scale"), tta_note="")
+        return cls.capabilities
+
     def predict(self, samples: Sequence[Sample]) -> list[Instances]:
         import torch
         from detectron2.data import transforms as T
@@ -530,6 +542,7 @@ class Detectron2MaskRCNN(TrainableAdapter):
         resize = (T.ResizeShortestEdge([d2.INPUT.MIN_SIZE_TEST] * 2, d2.INPUT.MAX_SIZE_TEST)
                   if d2.INPUT.MIN_SIZE_TEST > 0 else None)
         self.model.eval()
+        self.model.roi_heads.box_predictor.test_score_thresh = self.predict_threshold()  # raw floor if capturing
         out = []
         batch = self.cfg.predict_batch_size  # type: ignore[attr-defined]
         with torch.inference_mode():

@@ -285,6 +285,9 @@ class CascadeMaskRCNNAdapter(TrainableAdapter):
             torch.cuda.empty_cache()
 
     # -------------------------------------------------------------- predict
+    def score_threshold(self) -> float | None:
+        return float(self.cfg.score_thr)  # type: ignore[attr-defined]
+
     def predict(self, samples: Sequence[Sample]) -> list[Instances]:
         import torch
 
@@ -301,6 +304,7 @@ class CascadeMaskRCNNAdapter(TrainableAdapter):
 
             pipeline = Compose(self._test_pipeline())
             model = self.model.to(self.device).eval()
+            model.roi_head.test_cfg.score_thr = self.predict_threshold()  # the raw floor while capturing
             for start in range(0, len(samples), c.predict_batch_size):
                 chunk = samples[start:start + c.predict_batch_size]
                 data = [pipeline(dict(img=self._image(s.image), img_id=i))

@@ -289,6 +289,9 @@ class TorchvisionMaskRCNN(TrainableAdapter):
                      "masks": torch.from_numpy(masks.astype(np.uint8))}
 
     # ---- inference -----------------------------------------------------------------
+    def score_threshold(self) -> float | None:
+        return float(self.cfg.box_score_thresh)  # type: ignore[attr-defined]
+
     def predict(self, samples: Sequence[Sample]) -> list[Instances]:
         import torch
 
@@ -297,6 +300,7 @@ class TorchvisionMaskRCNN(TrainableAdapter):
         c: TorchvisionMaskRCNNConfig = self.cfg  # type: ignore[assignment]
         self.model.eval()
         self.model.transform.min_size = (c.min_size,)
+        self.model.roi_heads.score_thresh = self.predict_threshold()  # the raw floor while capturing
         out = []
         with torch.inference_mode():
             for start in range(0, len(samples), c.predict_batch_size):

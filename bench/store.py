@@ -252,7 +252,8 @@ class ModelDir:
     checkpoint = property(lambda self: self.path / "checkpoint")
     checkpoint_tmp = property(lambda self: self.path / "checkpoint.tmp")
     predictions = property(lambda self: self.path / "predictions.jsonl.gz")
-    raw_outputs = property(lambda self: self.path / "raw_outputs.jsonl.gz")     # TTA passes before merging
+    raw_outputs = property(lambda self: self.path / "raw_outputs.jsonl.gz")     # every pass, above the raw floor
+    raw_maps = property(lambda self: self.path / "raw_maps")                     # per-pixel maps, one npz per image
     ensemble_record = property(lambda self: self.path / "ensemble.json")        # bench ensemble: members, tuning
     fit_done = property(lambda self: self.path / "fit.done.json")
     predict_done = property(lambda self: self.path / "predict.done.json")
@@ -264,6 +265,15 @@ class ModelDir:
     def mkdir(self) -> "ModelDir":
         self.path.mkdir(parents=True, exist_ok=True)
         return self
+
+    def raw_map(self, image_id: str) -> Path:
+        """One image's per-pixel maps (bench/raw.py); an id that is not folder-safe gets a hash tail."""
+        import hashlib
+
+        safe = re.sub(r"[^A-Za-z0-9_.=,+-]", "_", image_id)
+        if safe != image_id or safe.startswith("."):
+            safe = f"{safe}-{hashlib.sha1(image_id.encode()).hexdigest()[:8]}"
+        return self.raw_maps / f"{safe}.npz"
 
     def is_dir(self) -> bool:
         return self.path.is_dir()

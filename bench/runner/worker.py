@@ -92,6 +92,7 @@ def main(model_dir: Path) -> int:
     from bench.data.split import read_split
     from bench.metrics.evaluator import evaluate_predictions
     from bench.tiling import predictor as tiled_predictor
+    from bench.raw import begin_capture, end_capture, take_maps, write_raw_maps
     from bench.tta import TTAPredictor, write_raw_outputs
 
     md = ModelDir(model_dir)
@@ -179,8 +180,11 @@ def main(model_dir: Path) -> int:
             s._image = s.image
         io_s = time.perf_counter() - t_io
         warmup = min(job.warmup, len(samples))
-        predictor = TTAPredictor(tiled_predictor(adapter), getattr(cfg, "tta", "none"),  # plain unless tta/tiles
-                                 resolve_overlaps=not job.resolve_overlaps)
+        floor = getattr(cfg, "raw_floor", None)  # bench/raw.py: the cache keeps down to it, published as before
+        predictor = TTAPredictor(tiled_predictor(adapter), getattr(cfg, "tta", "none"),  # plain predict unless tta/tiles
+                                 resolve_overlaps=not job.resolve_overlaps, threshold=adapter.score_threshold(),
+                                 take_maps=lambda: take_maps(adapter))
+        begin_capture(adapter, floor)
         for s in samples[:warmup]:
             predictor(s, record=False)
         _sync(device)
@@ -197,22 +201,26 @@ def main(model_dir: Path) -> int:
         for start in range(0, len(samples), batch):
             chunk = samples[start:start + batch]
             t0 = time.perf_counter()
-            outs = [predictor(s) for s in chunk] if predictor.active else predictor.predict(chunk)
+            outs = predictor.batch(chunk)
             _sync(device)
             times += [(time.perf_counter() - t0) / len(chunk)] * len(chunk)
             preds.update({s.image_id: out for s, out in zip(chunk, outs)})
             bar(start + len(chunk), len(samples))
         bar.close()
+        end_capture(adapter)
         write_predictions(pred_path, preds, dataset.classes, {"model": job.spec, "split": split["hash"]})
-        if predictor.active:  # every pass, inverted, before merging: other merges need no inference
-            write_raw_outputs(md.raw_outputs, predictor.raw, dataset.classes, {"model": job.spec, "split": split["hash"]})
+        # every pass (inverted, before merging) down to the raw floor: post-processing needs no inference
+        write_raw_outputs(md.raw_outputs, predictor.raw, dataset.classes,
+                          {"model": job.spec, "split": split["hash"], **predictor.raw_header(floor, pred_path)})
+        raw_map_bytes = write_raw_maps(md, predictor.maps, {"model": job.spec})
         md.write_predict_done(PredictDone(
             images=len(samples), warmup_images=warmup,
             infer_ms_per_image=1000 * float(np.mean(times)) if times else None,
             infer_ms_per_image_median=1000 * float(np.median(times)) if times else None,
             io_ms_per_image=1000 * io_s / max(len(samples), 1),
             peak_rss_mb=_rss_mb(), cuda_peak_mb=_cuda_peak_mb(device), device=device,
-            extra={"predict_batch_size": batch, **predictor.timing()}))
+            extra={"predict_batch_size": batch, **predictor.timing(),
+                   **({"raw_map_bytes_per_image": raw_map_bytes} if raw_map_bytes else {})}))
 
     # ---- evaluate ----------------------------------------------------------------------
     if not md.has_metrics():
