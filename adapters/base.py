@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bench.data.sample import Instances, Sample
 
@@ -42,6 +42,14 @@ class AdapterConfig(BaseModel):
     # cellbench's test-time augmentation (bench/tta.py), the same for every model: none, flip,
     # scale, flip+scale, ... (a framework's own TTA, e.g. Cellpose's, is that adapter's native_tta)
     tta: str = "none"
+    # images larger than this (px) are predicted as overlapping tiles stitched back at native scale
+    # (bench/tiling.py), the same for every model; 0: whole images, as the model is
+    predict_tile: int = Field(0, ge=0)
+    predict_tile_overlap: int = Field(64, ge=0)   # px shared by neighbouring tiles (> a cell's diameter)
+    # the raw-output cache (bench/raw.py): an adapter with a score threshold of its own predicts down
+    # to this floor once, the cache keeps all of it and the published predictions keep what passes
+    # the configured threshold, as before
+    raw_floor: float = Field(0.05, ge=0, le=1)
 
     @field_validator("tta")
     @classmethod
@@ -49,6 +57,13 @@ class AdapterConfig(BaseModel):
         from bench.tta import validate_tta
 
         return validate_tta(v)
+
+    @model_validator(mode="after")
+    def _tile_overlap(self):
+        if self.predict_tile and self.predict_tile_overlap >= self.predict_tile:
+            raise ValueError(f"predict_tile_overlap={self.predict_tile_overlap} must be smaller than "
+                             f"predict_tile={self.predict_tile}")
+        return self
 
     @field_validator("input_percentiles")
     @classmethod
@@ -124,6 +139,13 @@ class FitContext:
     eval_every: int = 0
     log_val: LossLogFn | None = None
     validation_seconds: float = 0.0   # time spent in validate(), taken out of the training time
+    # mid-training checkpoints (checkpoint_every; bench.store.ModelDir.resume): None, none are written
+    # or read; on_begin(k) is called once before training, k the iteration a resumed fit continues
+    # from (0: from the start), so the caller can trim its logs to what the checkpoint holds
+    resume_dir: Path | None = None
+    on_begin: Callable[[int], None] | None = None
+    resumed_from: int = 0             # iteration the fit continued from (0: it started over)
+    seconds_before: float = 0.0       # training seconds of the interrupted attempts before it
     _t0: float | None = None
 
     def report(self, done: int, total: int, **info) -> None:
@@ -153,6 +175,24 @@ class FitContext:
 
         self._t0 = time.perf_counter()
 
+    def begin(self, iteration: int = 0, seconds: float = 0.0) -> None:
+        """Training starts at ``iteration`` (a resumed fit: after ``seconds`` of earlier training,
+        which the log's clock continues from)."""
+        import time
+
+        self.resumed_from, self.seconds_before = int(iteration), float(seconds)
+        self._t0 = time.perf_counter() - self.seconds_before
+        if self.on_begin:
+            self.on_begin(self.resumed_from)
+
+    def training_seconds(self) -> float:
+        """Seconds of training so far (earlier attempts of a resumed fit included, validation not)."""
+        import time
+
+        if self._t0 is None:
+            return 0.0
+        return time.perf_counter() - self._t0 - self.validation_seconds
+
     @property
     def curve_wanted(self) -> bool:
         """Whether a validation curve was asked for (and there is a validation split)."""
@@ -174,6 +214,11 @@ class FitContext:
         from bench.metrics.kaggle import quick_map
 
         t0 = time.perf_counter()
+        owner = getattr(predict, "__self__", None)  # the adapter's own predict: tiled as the final one is
+        if owner is not None and getattr(getattr(owner, "cfg", None), "predict_tile", 0):
+            from bench.tiling import predictor
+
+            predict = predictor(owner)
         preds = predict(list(self.val))
         value = quick_map([s.instances for s in self.val], preds)
         took = time.perf_counter() - t0
@@ -228,6 +273,32 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     def fit(self, train: Sequence[Sample], val: Sequence[Sample], cfg: AdapterConfig, ctx: FitContext) -> None:
         """Train on ``train`` (``val`` only for monitoring; never for model selection by default)."""
+
+    # ---- raw outputs (bench/raw.py) --------------------------------------------------
+    # while the worker captures raw outputs: the floor the adapter predicts down to instead of
+    # its configured score threshold, and where it appends per-pixel maps, one dict per sample
+    raw_floor: float | None = None
+    raw_maps: list | None = None
+
+    def score_threshold(self) -> float | None:
+        """The configured instance score threshold its published predictions keep scores above
+        (strictly, as the frameworks do); None: it has none, raw and published are the same."""
+        return None
+
+    def predict_threshold(self) -> float | None:
+        """The threshold to hand the framework now: the configured one, or the raw floor if lower."""
+        thr = self.score_threshold()
+        return thr if thr is None or self.raw_floor is None else min(thr, self.raw_floor)
+
+    def keep_map(self, **maps) -> None:
+        """Record per-pixel maps of the sample just predicted (only while raw maps are captured)."""
+        if self.raw_maps is not None:
+            self.raw_maps.append(maps)
+
+    @classmethod
+    def tta_capabilities(cls, cfg: AdapterConfig) -> Capabilities:
+        """The capabilities for this config (an adapter whose TTA support depends on an option overrides)."""
+        return cls.capabilities
 
     @abc.abstractmethod
     def predict(self, samples: Sequence[Sample]) -> list[Instances]:

@@ -253,6 +253,7 @@ class CellposeAdapter(TrainableAdapter):
                 prob = 1.0 / (1.0 + np.exp(-np.asarray(flows[2], dtype=np.float64).reshape(img.shape)))
                 n = int(masks.max())
                 scores = np.asarray(ndi.mean(prob, labels=masks, index=np.arange(1, n + 1))) if n else np.zeros(0)
+                self.keep_map(cellprob=prob)  # the cell probability map (raw cache only)
                 out.append(Instances.from_label_image(masks, scores=scores))
         return out
 

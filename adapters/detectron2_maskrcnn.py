@@ -33,6 +33,7 @@ How the pieces fit:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import uuid
 from pathlib import Path
@@ -43,7 +44,7 @@ from pydantic import Field, field_validator, model_validator
 
 from bench.adapters.base import AdapterConfig, Capabilities, FitContext, check_weights_file
 from bench.adapters.registry import register
-from bench.adapters.trainable import TrainableAdapter, amp_enabled
+from bench.adapters.trainable import TrainableAdapter, amp_enabled, rng_state, set_rng_state
 from bench.data.masks import instances_from_masks
 from bench.data.normalize import to_rgb
 from bench.data.rle import to_coco_rle
@@ -77,7 +78,9 @@ class D2MaskRCNNConfig(AdapterConfig):
     mask_head_convs: int = Field(4, ge=0)      # MODEL.ROI_MASK_HEAD.NUM_CONV
     mask_head_dim: int = Field(256, ge=8)      # MODEL.ROI_MASK_HEAD.CONV_DIM
     # ---- anchors and RPN --------------------------------------------------
-    anchor_sizes: list[float] = [32, 64, 128, 256, 512]   # one per FPN level p2..p6 (px)
+    # one per FPN level p2..p6 (px); auto: from the training instances' sizes after the test resize
+    # (bench/anchors.py, recorded in meta.json)
+    anchor_sizes: list[float] | Literal["auto"] = [32, 64, 128, 256, 512]
     aspect_ratios: list[float] = [0.5, 1.0, 2.0]          # height/width, same on every level
     rpn_iou_thresholds: tuple[float, float] = (0.3, 0.7)  # background below, foreground above
     rpn_nms_thresh: float = Field(0.7, gt=0, le=1)
@@ -104,6 +107,10 @@ class D2MaskRCNNConfig(AdapterConfig):
     min_size_test: int = Field(800, ge=0)    # 0: no resizing at test time
     max_size_test: int = Field(1333, ge=1)
     random_flip: Literal["none", "horizontal", "vertical"] = "horizontal"
+    # images larger than this train on random crops of it, before the resize (T.RandomCrop "absolute",
+    # the rule of bench/tiling.py; 0: off); smaller clipped instances are then dropped
+    train_crop: int = Field(0, ge=0)
+    train_crop_min_area: int = Field(10, ge=1)
     # none: resize to min_size_test only; default: detectron2's own (min_size_train resize +
     # random_flip, the study's "flip and resize"); extra: + vertical flip, brightness and
     # contrast x0.8-1.2, and the resize range widened x0.8-1.2 (the study's extra augmentation)
@@ -125,10 +132,13 @@ class D2MaskRCNNConfig(AdapterConfig):
     num_workers: int = Field(2, ge=0)        # data-loader processes
     log_every: int = Field(20, ge=1)        # iterations between loss records
     checkpoint_period: int = Field(0, ge=0)  # 0: only the final weights are kept
+    checkpoint_every: int = Field(0, ge=0)   # mid-training checkpoint (resumable) every N iterations; 0: off
 
     @field_validator("anchor_sizes")
     @classmethod
     def _five_levels(cls, v: list[float]) -> list[float]:
+        if v == "auto":
+            return v
         if len(v) != 5 or min(v) <= 0:
             raise ValueError("needs 5 positive sizes, one per FPN level p2..p6")
         return v
@@ -168,14 +178,18 @@ def _as3(v: Float3) -> list[float]:
 
 def to_detectron2_opts(cfg: D2MaskRCNNConfig, *, num_classes: int | None = None, device: str | None = None,
                        pixel_mean: Float3 | None = None, pixel_std: Float3 | None = None,
-                       seed: int | None = None) -> dict[str, Any]:
+                       seed: int | None = None, anchor_sizes: Sequence[float] | None = None) -> dict[str, Any]:
     """The detectron2 config keys this config sets, with values of the types detectron2 expects.
 
     Pure (no detectron2 import). ``pixel_mean``/``pixel_std`` are the data's statistics,
     used where the config leaves them None. ``MODEL.WEIGHTS`` is always set ("" = from
-    scratch) so the zoo file's download URL never survives.
+    scratch) so the zoo file's download URL never survives. ``anchor_sizes``: what
+    ``anchor_sizes=auto`` derived (required then).
     """
     c = cfg
+    sizes = list(anchor_sizes) if anchor_sizes is not None else c.anchor_sizes
+    if sizes == "auto":
+        raise ValueError("maskrcnn: anchor_sizes=auto needs the training set (fit) or a checkpoint (load)")
     opts: dict[str, Any] = {
         "MODEL.WEIGHTS": str(c.weights or ""),
         "MODEL.MASK_ON": True,
@@ -190,7 +204,7 @@ def to_detectron2_opts(cfg: D2MaskRCNNConfig, *, num_classes: int | None = None,
         "MODEL.ROI_BOX_HEAD.FC_DIM": int(c.box_head_fc_dim),
         "MODEL.ROI_MASK_HEAD.NUM_CONV": int(c.mask_head_convs),
         "MODEL.ROI_MASK_HEAD.CONV_DIM": int(c.mask_head_dim),
-        "MODEL.ANCHOR_GENERATOR.SIZES": [[float(s)] for s in c.anchor_sizes],
+        "MODEL.ANCHOR_GENERATOR.SIZES": [[float(s)] for s in sizes],
         "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS": [[float(r) for r in c.aspect_ratios]],
         "MODEL.RPN.IOU_THRESHOLDS": [float(t) for t in c.rpn_iou_thresholds],
         "MODEL.RPN.NMS_THRESH": float(c.rpn_nms_thresh),
@@ -311,6 +325,15 @@ def to_dataset_dicts(samples: Sequence[Sample], classes: Sequence[str],
     return out
 
 
+def auto_anchors(c: D2MaskRCNNConfig, instances: Sequence[Instances]) -> dict:
+    """``anchor_sizes=auto`` (bench/anchors.py): from the instances as the network sees them at the
+    test resize (``min_size_test``/``max_size_test``), after ``train_crop``."""
+    from bench.anchors import auto_anchor_sizes, summary, training_sizes
+
+    sizes = training_sizes(instances, c.min_size_test, c.max_size_test, c.train_crop)
+    return summary(sizes, auto_anchor_sizes(sizes, 5))
+
+
 def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
@@ -337,10 +360,12 @@ class _Mapper:
     ``policy`` is the adapter's :class:`~bench.data.normalize.InputPolicy` (what ``model_input``
     applies): a small picklable object, so data-loader workers get it without the model."""
 
-    def __init__(self, augmentations, policy: Callable[[np.ndarray], np.ndarray], mask_format: str = "bitmask"):
+    def __init__(self, augmentations, policy: Callable[[np.ndarray], np.ndarray], mask_format: str = "bitmask",
+                 crop_min_area: int = 0):
         self.augmentations = augmentations
         self.policy = policy
         self.mask_format = mask_format
+        self.crop_min_area = crop_min_area  # train_crop: instances under this many crop pixels are dropped
 
     def image(self, file_name: str) -> np.ndarray:
         return to_bgr255(self.policy(read_raw(file_name)))
@@ -363,6 +388,8 @@ class _Mapper:
                  for a in d.pop("annotations", []) if a.get("iscrowd", 0) == 0]
         instances = utils.annotations_to_instances(annos, (h, w), mask_format=self.mask_format)
         d["instances"] = utils.filter_empty_instances(instances)
+        if self.crop_min_area:
+            d["instances"] = _drop_small(d["instances"], transforms, self.crop_min_area)
         return d
 
 
@@ -377,7 +404,8 @@ class Detectron2MaskRCNN(TrainableAdapter):
     install_hint = "detectron2 has no PyPI package: make setup-detectron2 D2_SRC=<path or git URL of its official source>"
     capabilities = Capabilities(predicts_classes=True, overlapping_masks=True, tta=("flip",),
                                 tta_note="it resizes every image to its own fixed size (min_size_test), which undoes a "
-                                         "scale pass before the network sees it")
+                                         "scale pass before the network sees it; min_size_test=0 keeps each image's "
+                                         "own size and allows scale")
     Config = D2MaskRCNNConfig
     warm_start_name = WEIGHTS_FILE
     framework_keys = {
@@ -388,13 +416,17 @@ class Detectron2MaskRCNN(TrainableAdapter):
         "augment": "INPUT.MIN_SIZE_TRAIN / INPUT.RANDOM_FLIP (+ vertical flip, brightness, contrast)",
         "eval_every": "validation hook", "log_every": "log hook period",
         "grad_clip": "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "num_workers": "DATALOADER.NUM_WORKERS",
-        "predict_batch_size": "images per GeneralizedRCNN([...]) call"}
+        "predict_batch_size": "images per GeneralizedRCNN([...]) call",
+        "checkpoint_every": "DetectionCheckpointer(model, trainer=trainer) every N iterations",
+        "train_crop": "T.RandomCrop('absolute') before the resize", "train_crop_min_area": "mapper filter"}
+    resumes_mid_training = True
 
     def __init__(self, cfg: AdapterConfig, classes: Sequence[str], device: str = "cpu"):
         super().__init__(cfg, classes, device)
         self.model = None
         self.d2cfg = None
         self.pixel_stats: tuple[list[float], list[float]] | None = None
+        self.anchors: dict | None = None   # anchor_sizes=auto: what was derived (meta.json)
 
     def _network_input(self, image: np.ndarray) -> np.ndarray:
         """A raw image -> H x W x 3 float32 BGR 0..255 (what the mapper gives in training)."""
@@ -410,7 +442,8 @@ class Detectron2MaskRCNN(TrainableAdapter):
         d2 = get_cfg()
         d2.merge_from_file(model_zoo.get_config_file(ZOO_CONFIG))
         opts = to_detectron2_opts(c, num_classes=len(self.classes), device=self.device,
-                                  pixel_mean=mean, pixel_std=std, seed=seed)
+                                  pixel_mean=mean, pixel_std=std, seed=seed,
+                                  anchor_sizes=self.anchors["anchor_sizes"] if self.anchors else None)
         d2.merge_from_list([x for kv in opts.items() for x in kv])
         d2.DATASETS.TRAIN, d2.DATASETS.TEST = (), ()
         return d2
@@ -443,6 +476,7 @@ class Detectron2MaskRCNN(TrainableAdapter):
             raise ValueError("no training image has an annotated instance")
         self.pixel_stats = (image_stats(dicts, self.policy) if c.pixel_mean is None or c.pixel_std is None
                             else None)
+        self.anchors = auto_anchors(c, [s.instances for s in train]) if c.anchor_sizes == "auto" else None
         d2cfg = self._d2_config(seed=ctx.seed)
         d2cfg.OUTPUT_DIR = str(work)
         (work / D2_CONFIG_FILE).write_text(d2cfg.dump())
@@ -461,7 +495,8 @@ class Detectron2MaskRCNN(TrainableAdapter):
             model.train()
             dataset = get_detection_dataset_dicts([name], filter_empty=True)
             loader = build_detection_train_loader(
-                dataset=dataset, mapper=_Mapper(train_augmentations(d2cfg, c.augment), self.policy),
+                dataset=dataset, mapper=_Mapper(train_augmentations(d2cfg, c.augment, c.train_crop), self.policy,
+                                                crop_min_area=c.train_crop_min_area if c.train_crop else 0),
                 sampler=TrainingSampler(len(dataset), shuffle=True, seed=ctx.seed),
                 total_batch_size=c.batch_size, aspect_ratio_grouping=True, num_workers=c.num_workers)
             optimizer = build_optimizer(d2cfg, model) if c.optimizer == "sgd" else _adam(d2cfg, model)
@@ -474,8 +509,11 @@ class Detectron2MaskRCNN(TrainableAdapter):
             if c.checkpoint_period:
                 ckpt = DetectionCheckpointer(model, str(work), optimizer=optimizer)
                 hook_list.append(hooks.PeriodicCheckpointer(ckpt, c.checkpoint_period, max_iter=c.iterations))
+            hook_list.append(_ResumeHook(self, ctx, c.iterations))  # after the LR hook: its stepped state
             trainer.register_hooks(hook_list)
-            trainer.train(0, c.iterations)
+            if ctx.resumed_from:
+                _continue(trainer, self.resume.point.folder, ctx.resumed_from)  # type: ignore[union-attr]
+            trainer.train(ctx.resumed_from, c.iterations)
         finally:
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
@@ -484,6 +522,16 @@ class Detectron2MaskRCNN(TrainableAdapter):
         torch.save(model.state_dict(), work / WEIGHTS_FILE)
 
     # ---- inference ----------------------------------------------------------
+    def score_threshold(self) -> float | None:
+        return float(self.cfg.score_thresh_test)  # type: ignore[attr-defined]
+
+    @classmethod
+    def tta_capabilities(cls, cfg) -> Capabilities:
+        """``min_size_test=0``: the image is used at its own size, so a scale pass reaches the network."""
+        if getattr(cfg, "min_size_test", None) == 0:
+            return dataclasses.replace(cls.capabilities, tta=("flip", "scale"), tta_note="")
+        return cls.capabilities
+
     def predict(self, samples: Sequence[Sample]) -> list[Instances]:
         import torch
         from detectron2.data import transforms as T
@@ -494,6 +542,7 @@ class Detectron2MaskRCNN(TrainableAdapter):
         resize = (T.ResizeShortestEdge([d2.INPUT.MIN_SIZE_TEST] * 2, d2.INPUT.MAX_SIZE_TEST)
                   if d2.INPUT.MIN_SIZE_TEST > 0 else None)
         self.model.eval()
+        self.model.roi_heads.box_predictor.test_score_thresh = self.predict_threshold()  # raw floor if capturing
         out = []
         batch = self.cfg.predict_batch_size  # type: ignore[attr-defined]
         with torch.inference_mode():
@@ -526,11 +575,12 @@ class Detectron2MaskRCNN(TrainableAdapter):
 
     def checkpoint_extra(self) -> dict:
         mean, std = self.pixel_stats or (None, None)
-        return {"pixel_mean": mean, "pixel_std": std, "detectron2_zoo_config": ZOO_CONFIG}
+        return {"pixel_mean": mean, "pixel_std": std, "detectron2_zoo_config": ZOO_CONFIG, "anchors": self.anchors}
 
     def restore_extra(self, extra: dict) -> None:
         mean, std = extra.get("pixel_mean"), extra.get("pixel_std")
         self.pixel_stats = (mean, std) if mean is not None else None
+        self.anchors = extra.get("anchors")
 
     def load_weights(self, directory: Path) -> None:
         import torch
@@ -543,8 +593,17 @@ class Detectron2MaskRCNN(TrainableAdapter):
         self.model, self.d2cfg = model, d2cfg
 
 
-def train_augmentations(d2cfg, augment: str) -> list:
-    """The training augmentations of ``augment`` (none / default / extra), as detectron2 objects."""
+def train_augmentations(d2cfg, augment: str, crop: int = 0) -> list:
+    """The training augmentations of ``augment`` (none / default / extra), as detectron2 objects,
+    after a random ``crop`` (px, 0: none) as bench/tiling.py draws it (``T.RandomCrop`` absolute:
+    ``min(crop, H) x min(crop, W)``, uniform offsets)."""
+    from detectron2.data import transforms as T
+
+    first = [T.RandomCrop("absolute", (int(crop), int(crop)))] if crop else []
+    return first + _augmentations(d2cfg, augment)
+
+
+def _augmentations(d2cfg, augment: str) -> list:
     from detectron2.data import detection_utils as d2utils
     from detectron2.data import transforms as T
 
@@ -558,6 +617,23 @@ def train_augmentations(d2cfg, augment: str) -> list:
     return [T.ResizeShortestEdge((lo, hi), i.MAX_SIZE_TRAIN, "range"),
             T.RandomFlip(horizontal=True, vertical=False), T.RandomFlip(horizontal=False, vertical=True),
             T.RandomBrightness(0.8, 1.2), T.RandomContrast(0.8, 1.2)]
+
+
+def _drop_small(instances, transforms, min_area: int):
+    """Instances whose mask has fewer than ``min_area`` pixels at the crop's scale dropped (the rule of
+    bench/tiling.py, measured before the resize that follows the crop: area / scale^2), boxes
+    recomputed from the clipped masks as torchvision's and MMDetection's are."""
+    from detectron2.data import transforms as T
+
+    crop = next((t for t in transforms.transforms if isinstance(t, T.CropTransform)), None)
+    h, w = instances.image_size
+    scale2 = (h * w) / (crop.h * crop.w) if crop is not None else 1.0
+    if len(instances) == 0:
+        return instances
+    areas = instances.gt_masks.tensor.flatten(1).sum(1).float() / scale2
+    kept = instances[areas >= min_area - 1e-6]
+    kept.gt_boxes = kept.gt_masks.get_bounding_boxes()  # of the clipped masks (DatasetMapper's recompute_boxes)
+    return kept
 
 
 def _adam(d2cfg, model):
@@ -585,6 +661,47 @@ def _ValidationHook(adapter: "Detectron2MaskRCNN", ctx: FitContext, max_iter: in
                 self.trainer.model.train()
 
     return ValidationHook()
+
+
+RESUME_NAME = "model"  # <folder>/model.pth: DetectionCheckpointer's file of a mid-training checkpoint
+
+
+def _ResumeHook(adapter: "Detectron2MaskRCNN", ctx: FitContext, max_iter: int):
+    from detectron2.engine import HookBase
+
+    class ResumeHook(HookBase):
+        """Every ``checkpoint_every`` iterations: detectron2's checkpointer with the trainer as a
+        checkpointable (what ``DefaultTrainer.resume_or_load`` reads: weights, optimizer, iteration,
+        the LR scheduler hook's state, AMP's grad scaler), plus the RNG states."""
+
+        def after_step(self):
+            adapter.checkpoint_due(self.trainer.iter + 1, max_iter, ctx, self.write)
+
+        def write(self, folder: Path) -> None:
+            from detectron2.checkpoint import DetectionCheckpointer
+
+            DetectionCheckpointer(self.trainer.model, str(folder), trainer=self.trainer).save(RESUME_NAME,
+                                                                                             rng=rng_state())
+
+    return ResumeHook()
+
+
+def _continue(trainer, folder: Path, start: int) -> None:
+    """Put ``trainer`` where the checkpoint in ``folder`` left it, ``start`` iterations done.
+
+    Detectron2's own resume reloads the state but restarts the data stream from its seed; here
+    the first ``start`` batches are drawn again (loaded, not trained on: the cost of resuming is
+    their data loading) so that the resumed fit sees the batches the uninterrupted one would. The
+    loader's iterator is made before the RNG states are restored, as the uninterrupted fit made
+    it before its first step."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    batches = iter(trainer.data_loader)
+    for _ in range(start):
+        next(batches)
+    trainer._data_loader_iter_obj = batches  # SimpleTrainer's lazily made iterator, made here
+    extra = DetectionCheckpointer(trainer.model, str(folder), trainer=trainer).load(str(folder / f"{RESUME_NAME}.pth"))
+    set_rng_state(extra["rng"])
 
 
 def _LogHook(ctx: FitContext, period: int, max_iter: int):

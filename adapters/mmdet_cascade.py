@@ -58,6 +58,7 @@ import copy
 import io
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -71,7 +72,7 @@ from pydantic import Field, field_validator, model_validator
 
 from bench.adapters.base import AdapterConfig, Capabilities, FitContext, check_weights_file
 from bench.adapters.registry import register
-from bench.adapters.trainable import TrainableAdapter, amp_enabled, load_matching_state
+from bench.adapters.trainable import TrainableAdapter, amp_enabled, load_matching_state, rng_state, set_rng_state
 from bench.data import rle
 from bench.data.masks import instances_from_masks
 from bench.data.normalize import to_rgb, to_uint8
@@ -94,7 +95,8 @@ class CascadeConfig(AdapterConfig):
     bbox_fc_channels: int = Field(1024, ge=16)    # the two shared FCs of each cascade box head
     mask_convs: int = Field(4, ge=1)              # 3x3 convs of the FCN mask head
     # --- anchors / proposals / detections -----------------------------------
-    anchor_scales: list[float] = Field(default_factory=lambda: [2.0])  # x FPN stride (4..64): 8..128 px
+    # x FPN stride (4..64): 8..128 px; auto: from the training instances' sizes (bench/anchors.py)
+    anchor_scales: list[float] | Literal["auto"] = Field(default_factory=lambda: [2.0])
     anchor_ratios: list[float] = Field(default_factory=lambda: [0.33, 1.0, 3.0])
     rpn_sample_num: int = Field(256, ge=16)       # anchors sampled per image for the RPN loss
     rcnn_sample_num: int = Field(512, ge=16)      # RoIs sampled per image per cascade stage
@@ -110,6 +112,9 @@ class CascadeConfig(AdapterConfig):
     image_scale: float = Field(1.0, gt=0.0, le=8.0)    # resize factor, training and inference
     train_scales: list[float] = Field(default_factory=lambda: [1.0])  # x image_scale, one drawn per image
     augment: Literal["none", "default"] = "default"     # default: horizontal / vertical / diagonal flips
+    # images larger than this train on random crops of it, before the resize (bench/tiling.py; 0: off)
+    train_crop: int = Field(0, ge=0)
+    train_crop_min_area: int = Field(10, ge=1)   # with train_crop: smaller clipped instances are dropped
     # --- schedule -------------------------------------------------------------
     iterations: int = Field(30000, ge=1)
     batch_size: int = Field(2, ge=1)
@@ -125,11 +130,14 @@ class CascadeConfig(AdapterConfig):
     amp: bool = False                                  # mixed precision (CUDA only)
     num_workers: int = Field(2, ge=0)
     log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(0, ge=0)   # mid-training checkpoint (resumable) every N iterations; 0: off
     predict_batch_size: int = Field(1, ge=1)
 
     @field_validator("anchor_scales", "anchor_ratios", "train_scales")
     @classmethod
     def _positive_list(cls, v: list[float]) -> list[float]:
+        if v == "auto":
+            return v
         if not v or any(x <= 0 for x in v):
             raise ValueError("must be a non-empty list of positive numbers")
         return v
@@ -164,7 +172,11 @@ class CascadeMaskRCNNAdapter(TrainableAdapter):
         "augment": "train pipeline RandomFlip", "eval_every": "cellbench hook (validation curve)",
         "log_every": "default_hooks.logger.interval", "grad_clip": "optim_wrapper.clip_grad.max_norm",
         "num_workers": "train_dataloader.num_workers",
-        "predict_batch_size": "images per model.test_step(pseudo_collate([...]))"}
+        "predict_batch_size": "images per model.test_step(pseudo_collate([...]))",
+        "checkpoint_every": "Runner.save_checkpoint every N iterations; Runner(resume=True, load_from=...)",
+        "train_crop": "train pipeline RandomCrop (absolute) + FilterAnnotations(min_gt_mask_area)",
+        "train_crop_min_area": "FilterAnnotations.min_gt_mask_area"}
+    resumes_mid_training = True
 
     def __init__(self, cfg: AdapterConfig, classes: Sequence[str], device: str = "cpu"):
         super().__init__(cfg, classes, device)
@@ -172,6 +184,7 @@ class CascadeMaskRCNNAdapter(TrainableAdapter):
         # per-channel mean/std of the training images after the input policy (the data preprocessor's)
         self.pixel_mean: list[float] | None = None
         self.pixel_std: list[float] | None = None
+        self.anchors: dict | None = None   # anchor_scales=auto: what was derived (meta.json)
 
     def _image(self, image: np.ndarray) -> np.ndarray:
         """A raw image -> the H x W x 3 uint8 array mmdet reads (training PNG) or is fed (prediction)."""
@@ -191,6 +204,7 @@ class CascadeMaskRCNNAdapter(TrainableAdapter):
         if data_dir.is_dir():  # ours, from an earlier attempt in the same folder
             shutil.rmtree(data_dir)
         n_ann, self.pixel_mean, self.pixel_std = _write_coco(train, self.classes, data_dir, self._image)
+        self.anchors = auto_anchor_scales(c, [s.instances for s in train]) if c.anchor_scales == "auto" else None
         if n_ann == 0:
             raise ValueError("cascade: the training samples have no instances to learn from")
         use_cuda = self.device.startswith("cuda")
@@ -245,14 +259,22 @@ class CascadeMaskRCNNAdapter(TrainableAdapter):
             console = sys.stdout
             # the Runner logs its environment, the whole config and the hook table at INFO while it is
             # built: into its log file (work_dir/<timestamp>/) only, not onto the console
+            point = self.resume.point if ctx.resumed_from else None
             with contextlib.redirect_stdout(io.StringIO()):
                 runner = Runner(
                     model=model,
                     experiment_name=f"cellbench-cascade-{uuid.uuid4().hex[:8]}",
-                    custom_hooks=[_cellbench_hook(ctx, total, c.log_every, weights, self)],
+                    custom_hooks=[_cellbench_hook(ctx, total, c.log_every, weights, self),
+                                  _resume_hook(self, ctx, total)],
                     cfg=dump,
+                    # a resumed fit: mmengine's resume (weights, optimizer, schedulers, iteration, message
+                    # hub; its loop then draws the first `iter` batches again, untrained)
+                    resume=point is not None,
+                    load_from=str(point.folder / _RESUME_FILE) if point is not None else None,
                     **runner_cfg,
                 )
+            if point is not None:
+                runner.resume = _trusted_load(runner.resume)
             _quiet_console(runner.logger, console)
             ctx.report(0, total, phase="train")
             runner.train()
@@ -263,6 +285,9 @@ class CascadeMaskRCNNAdapter(TrainableAdapter):
             torch.cuda.empty_cache()
 
     # -------------------------------------------------------------- predict
+    def score_threshold(self) -> float | None:
+        return float(self.cfg.score_thr)  # type: ignore[attr-defined]
+
     def predict(self, samples: Sequence[Sample]) -> list[Instances]:
         import torch
 
@@ -279,6 +304,7 @@ class CascadeMaskRCNNAdapter(TrainableAdapter):
 
             pipeline = Compose(self._test_pipeline())
             model = self.model.to(self.device).eval()
+            model.roi_head.test_cfg.score_thr = self.predict_threshold()  # the raw floor while capturing
             for start in range(0, len(samples), c.predict_batch_size):
                 chunk = samples[start:start + c.predict_batch_size]
                 data = [pipeline(dict(img=self._image(s.image), img_id=i))
@@ -304,10 +330,12 @@ class CascadeMaskRCNNAdapter(TrainableAdapter):
     def checkpoint_extra(self) -> dict:
         import mmdet
 
-        return {"pixel_mean": self.pixel_mean, "pixel_std": self.pixel_std, "mmdet_version": mmdet.__version__}
+        return {"pixel_mean": self.pixel_mean, "pixel_std": self.pixel_std, "mmdet_version": mmdet.__version__,
+                "anchors": self.anchors}
 
     def restore_extra(self, extra: dict) -> None:
         self.pixel_mean, self.pixel_std = extra["pixel_mean"], extra["pixel_std"]
+        self.anchors = extra.get("anchors")
 
     def load_weights(self, directory: Path) -> None:
         import torch
@@ -349,7 +377,10 @@ class CascadeMaskRCNNAdapter(TrainableAdapter):
 
         rpn = m["rpn_head"]
         rpn.update(in_channels=c.fpn_channels, feat_channels=c.fpn_channels)
-        rpn["anchor_generator"].update(scales=list(c.anchor_scales), ratios=list(c.anchor_ratios),
+        scales = self.anchors["anchor_scales"] if self.anchors else c.anchor_scales
+        if scales == "auto":
+            raise ValueError("cascade: anchor_scales=auto needs the training set (fit) or a checkpoint (load)")
+        rpn["anchor_generator"].update(scales=list(scales), ratios=list(c.anchor_ratios),
                                        strides=list(FPN_STRIDES))
         roi = m["roi_head"]
         roi["bbox_roi_extractor"]["out_channels"] = c.fpn_channels
@@ -392,6 +423,7 @@ class CascadeMaskRCNNAdapter(TrainableAdapter):
         pipe = [
             dict(type="LoadImageFromFile", backend_args=None),  # 3-channel PNG, read back unchanged
             dict(type="LoadAnnotations", with_bbox=True, with_mask=True),
+            *train_crop_steps(c),
             resize,
         ]
         if c.augment != "none":
@@ -440,6 +472,31 @@ class CascadeMaskRCNNAdapter(TrainableAdapter):
 # ---------------------------------------------------------------------------
 # images and annotations
 # ---------------------------------------------------------------------------
+
+def train_crop_steps(c: CascadeConfig) -> list[dict]:
+    """``train_crop`` as MMDetection pipeline steps, the rule of :mod:`bench.tiling`: a uniform
+    ``min(crop, H) x min(crop, W)`` window before the resize, instances clipped (boxes recomputed from
+    the clipped masks), those under ``train_crop_min_area`` pixels dropped; a crop without instances
+    trains as background (``allow_negative_crop``), as in the other detectors."""
+    if not c.train_crop:
+        return []
+    return [dict(type="RandomCrop", crop_size=(c.train_crop, c.train_crop), crop_type="absolute",
+                 allow_negative_crop=True, recompute_bbox=True, bbox_clip_border=True),
+            dict(type="FilterAnnotations", min_gt_mask_area=c.train_crop_min_area, by_box=False, by_mask=True,
+                 keep_empty=False)]
+
+
+def auto_anchor_scales(c: CascadeConfig, instances: Sequence[Instances]) -> dict:
+    """``anchor_scales=auto``: the octave anchors of :mod:`bench.anchors` for the instances at
+    ``image_scale``, as one scale per FPN stride (their geometric mean: the sizes are octaves, as the
+    strides are)."""
+    from bench.anchors import auto_anchor_sizes, instance_sizes, summary
+
+    sizes = instance_sizes(instances, [c.image_scale] * len(instances))
+    anchors = auto_anchor_sizes(sizes, len(FPN_STRIDES))
+    scale = float(np.exp(np.mean(np.log(np.asarray(anchors, float) / np.asarray(FPN_STRIDES, float)))))
+    return {**summary(sizes, [scale * st for st in FPN_STRIDES]), "anchor_scales": [round(scale, 4)]}
+
 
 def _write_coco(train: Sequence[Sample], classes: Sequence[str], data_dir: Path,
                 image_fn: Callable[[np.ndarray], np.ndarray]) -> tuple[int, list[float], list[float]]:
@@ -610,6 +667,8 @@ def _cellbench_hook(ctx: FitContext, total: int, interval: int, weights: Path | 
             self.n = 0
 
         def before_train(self, runner):
+            if ctx.resumed_from:  # mmengine's resume has loaded the trained weights
+                return
             # Runner.train() initialises the weights after before_run: the checkpoint goes on top
             _init_cascade_mask_heads(runner.model)
             if weights is not None:
@@ -637,6 +696,58 @@ def _cellbench_hook(ctx: FitContext, total: int, interval: int, weights: Path | 
                 runner.model.train()
 
     return CellbenchHook()
+
+
+_RESUME_FILE = "checkpoint.pth"  # <folder>/checkpoint.pth: Runner.save_checkpoint's file of a mid-training checkpoint
+
+
+def _resume_hook(adapter, ctx: FitContext, total: int):
+    """Every ``checkpoint_every`` iterations, ``Runner.save_checkpoint`` (what mmengine's
+    CheckpointHook writes: weights, optimizer, param schedulers, iteration, message hub) with the
+    RNG states added; after a resume, torch's and Python's RNG states are put back before the first
+    step (numpy's is not: mmengine's resume replays the data pipeline, whose numpy draws bring it to
+    where the checkpoint left it)."""
+    from mmengine.hooks import Hook
+
+    class ResumeHook(Hook):
+        priority = "VERY_LOW"  # after ParamSchedulerHook (LOW): the schedulers' stepped state is saved
+
+        def __init__(self):
+            self.rng = None
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            adapter.checkpoint_due(runner.iter + 1, total, ctx, lambda folder: runner.save_checkpoint(
+                str(folder), _RESUME_FILE, save_optimizer=True, save_param_scheduler=True, by_epoch=False))
+
+        def before_save_checkpoint(self, runner, checkpoint):
+            checkpoint["cellbench_rng"] = rng_state()
+
+        def after_load_checkpoint(self, runner, checkpoint):
+            self.rng = checkpoint.get("cellbench_rng")
+
+        def before_train_iter(self, runner, batch_idx, data_batch=None):
+            if self.rng is not None:
+                set_rng_state(self.rng, numpy=False)
+                self.rng = None
+
+    return ResumeHook()
+
+
+def _trusted_load(resume: Callable) -> Callable:
+    """``Runner.resume`` reading a checkpoint this fit wrote itself: mmengine 0.10.7 calls
+    ``torch.load`` without ``weights_only``, which torch >= 2.6 takes as True and which refuses
+    mmengine's own checkpoints (numpy and mmengine objects in ``meta``/``message_hub``)."""
+    def call(*args, **kw):
+        key, old = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+        os.environ[key] = "1"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                return resume(*args, **kw)
+        finally:
+            os.environ.pop(key) if old is None else os.environ.__setitem__(key, old)
+
+    return call
 
 
 def _init_cascade_mask_heads(model) -> None:

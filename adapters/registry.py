@@ -417,7 +417,7 @@ def _check_tta(name: str, cls: type[Adapter], cfg: AdapterConfig) -> None:
     from bench.tta import check_supported
 
     try:
-        check_supported(name, cls.capabilities, getattr(cfg, "tta", "none"))
+        check_supported(name, cls.tta_capabilities(cfg), getattr(cfg, "tta", "none"))
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

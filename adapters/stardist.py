@@ -11,6 +11,7 @@ the benchmark's validation images. Scores per instance are StarDist's object pro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -237,15 +238,45 @@ class StarDist(TrainableAdapter):
         return {k: v for k, v in conf.items() if k not in ("n_dim", "n_channel_out")}
 
     # ---- inference ---------------------------------------------------------------------------------
+    def score_threshold(self) -> float | None:
+        return float((self.thresholds or {"prob": self.cfg.prob_thresh})["prob"])  # type: ignore[attr-defined]
+
+    @contextlib.contextmanager
+    def _prob_spy(self):
+        """While raw maps are captured: the probability map of the network call StarDist makes anyway
+        (its sparse prediction keeps only the points above the threshold; a second call would double
+        the inference time). StarDist pads at the bottom and right only, so a crop undoes it."""
+        seen: list = []
+        if self.raw_maps is None:
+            yield seen
+            return
+        km = self.model.keras_model
+        original = km.predict
+
+        def spy(*args, **kwargs):
+            ys = original(*args, **kwargs)
+            seen.append(np.asarray(ys[0])[0, ..., 0])
+            return ys
+
+        km.predict = spy
+        try:
+            yield seen
+        finally:
+            km.predict = original
+
     def predict(self, samples: Sequence[Sample]) -> list[Instances]:
         if self.model is None:
             raise RuntimeError("stardist: fit() or load() first")
         t = self.thresholds or {"prob": self.cfg.prob_thresh, "nms": self.cfg.nms_thresh}
         out = []
         for s in samples:
-            labels, details = self.model.predict_instances(self._image(s.image), prob_thresh=t["prob"],
-                                                           nms_thresh=t["nms"], verbose=False,
-                                                           show_tile_progress=False)
+            with self._prob_spy() as seen:
+                labels, details = self.model.predict_instances(self._image(s.image), prob_thresh=self.predict_threshold(),
+                                                               nms_thresh=t["nms"], verbose=False,
+                                                               show_tile_progress=False)
+            if len(seen) == 1:  # the object probability map, at StarDist's grid resolution (raw cache only)
+                gy, gx = self.model.config.grid
+                self.keep_map(object_prob=seen[0][:-(-s.height // gy), :-(-s.width // gx)])
             # label k is polygon k-1 (StarDist keeps the order); its score is that polygon's probability
             out.append(Instances.from_label_image(labels.astype(np.int64), scores=np.asarray(details["prob"])))
         return out

@@ -17,7 +17,8 @@ from pydantic import Field
 
 from bench.adapters.base import AdapterConfig, Capabilities, FitContext, check_weights_file
 from bench.adapters.registry import register
-from bench.adapters.trainable import TrainableAdapter, amp_enabled, build_optimizer, load_matching_state, optimizer_step, step_lr
+from bench.adapters.trainable import (TrainableAdapter, amp_enabled, build_optimizer, load_matching_state, optimizer_step,
+                                     rng_state, set_rng_state, step_lr)
 from bench.data.masks import instances_from_masks, masks_to_boxes
 from bench.data.normalize import to_rgb
 from bench.data.sample import Instances, Sample
@@ -29,7 +30,8 @@ class TorchvisionMaskRCNNConfig(AdapterConfig):
     fpn_channels: int = 256          # torchvision's fixed 256; smaller makes CPU smoke runs ~10x cheaper
     mask_head_layers: list[int] = [256, 256, 256, 256]
     box_head_dim: int = 1024
-    anchor_sizes: list[int] = [16, 32, 64, 128, 256]
+    # one per FPN level; auto: from the training instances' sizes after the resize (bench/anchors.py)
+    anchor_sizes: list[int] | Literal["auto"] = [16, 32, 64, 128, 256]
     aspect_ratios: list[float] = [0.5, 1.0, 2.0]
     rpn_pre_nms_top_n_train: int = 4000
     rpn_post_nms_top_n_train: int = 2000
@@ -47,6 +49,9 @@ class TorchvisionMaskRCNNConfig(AdapterConfig):
     min_size: int = 520            # images are resized so the short side is this (torchvision's default 800)
     min_size_train: list[int] | None = None  # multi-scale training: one short side drawn per image (None: min_size)
     max_size: int = 1333
+    # images larger than this train on random crops of it, before the min_size resize (bench/tiling.py)
+    train_crop: int = Field(0, ge=0)
+    train_crop_min_area: int = Field(10, ge=1)   # with train_crop: smaller clipped instances are dropped
     iterations: int = 3000
     batch_size: int = 2
     optimizer: Literal["sgd", "adam"] = "sgd"
@@ -61,15 +66,18 @@ class TorchvisionMaskRCNNConfig(AdapterConfig):
     augment: Literal["none", "default", "extra"] = "default"
     amp: bool = False                # mixed precision; CUDA only (ignored, and logged, on CPU)
     log_every: int = 10
+    checkpoint_every: int = Field(0, ge=0)   # mid-training checkpoint every N iterations (0: off)
     grad_clip: float | None = 10.0
     # data-loader processes that build the training batches (mask decoding, augmentation);
     # 0: in the training process. Pinned memory on CUDA.
     num_workers: int = 0
 
 
-def build_network(c: TorchvisionMaskRCNNConfig, n_classes: int, mean: float, std: float):
+def build_network(c: TorchvisionMaskRCNNConfig, n_classes: int, mean: float, std: float,
+                  anchor_sizes: Sequence[int] | None = None):
     """torchvision's MaskRCNN from the config (torchvision's public API only, untrained): the adapter
-    trains it, and `make bench`'s native torchvision loop trains the very same network."""
+    trains it, and `make bench`'s native torchvision loop trains the very same network.
+    ``anchor_sizes``: the sizes ``anchor_sizes=auto`` derived (required then)."""
     import torchvision
     from torch import nn
     from torchvision.models.detection import MaskRCNN
@@ -88,8 +96,11 @@ def build_network(c: TorchvisionMaskRCNNConfig, n_classes: int, mean: float, std
                                extra_blocks=LastLevelMaxPool())
     box_head = TwoMLPHead(c.fpn_channels * 7 * 7, c.box_head_dim)
     mask_head = MaskRCNNHeads(c.fpn_channels, c.mask_head_layers, 1)
-    anchors = AnchorGenerator(sizes=tuple((s,) for s in c.anchor_sizes),
-                              aspect_ratios=(tuple(c.aspect_ratios),) * len(c.anchor_sizes))
+    sizes = list(anchor_sizes) if anchor_sizes is not None else c.anchor_sizes
+    if sizes == "auto":
+        raise ValueError("anchor_sizes=auto: derive them from the training set first (bench.anchors)")
+    anchors = AnchorGenerator(sizes=tuple((int(s),) for s in sizes),
+                              aspect_ratios=(tuple(c.aspect_ratios),) * len(sizes))
     return MaskRCNN(
         backbone, num_classes=None, rpn_anchor_generator=anchors,
         min_size=c.min_size, max_size=c.max_size, image_mean=[mean] * 3, image_std=[std] * 3,
@@ -119,20 +130,26 @@ class TorchvisionMaskRCNN(TrainableAdapter):
                       "augment": "flips, brightness/contrast, MaskRCNN.transform.min_size",
                       "eval_every": "validation hook", "log_every": "log interval", "grad_clip": "clip_grad_norm_",
                       "num_workers": "torch DataLoader num_workers",
-                      "predict_batch_size": "images per model([...]) call"}
+                      "predict_batch_size": "images per model([...]) call",
+                      "checkpoint_every": "torch.save of model, optimizer, GradScaler and RNG states",
+                      "train_crop": "cellbench's crop (bench/tiling.random_crop) before MaskRCNN.transform",
+                      "train_crop_min_area": "bench/tiling.crop_instances min_area"}
+    resumes_mid_training = True
 
     def __init__(self, cfg, classes, device="cpu"):
         super().__init__(cfg, classes, device)
         self.model = None
         self.pixel_mean: float | None = None
         self.pixel_std: float | None = None
+        self.anchors: dict | None = None   # anchor_sizes=auto: what was derived (meta.json)
 
     # ---- model -----------------------------------------------------------------
     def _build(self):
         import torch
 
         c: TorchvisionMaskRCNNConfig = self.cfg  # type: ignore[assignment]
-        model = build_network(c, len(self.classes), self.pixel_mean or 0.5, self.pixel_std or 0.25)
+        model = build_network(c, len(self.classes), self.pixel_mean or 0.5, self.pixel_std or 0.25,
+                              self.anchors["anchor_sizes"] if self.anchors else None)
         if c.weights:
             path = check_weights_file(c.weights)
             self.weights_match = load_matching_state(
@@ -157,6 +174,7 @@ class TorchvisionMaskRCNN(TrainableAdapter):
         images = [self._tensor(s.image) for s in samples]
         vals = torch.cat([im[0].flatten() for im in images])
         self.pixel_mean, self.pixel_std = float(vals.mean()), float(vals.std().clamp(min=1e-3))
+        self.anchors = self._auto_anchors(samples) if c.anchor_sizes == "auto" else None
         self.model = self._build()
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -165,8 +183,13 @@ class TorchvisionMaskRCNN(TrainableAdapter):
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         train_sizes = self._train_sizes(c)
         self.model.transform.min_size = train_sizes
-        loader = self._loader(images, [s.instances for s in samples], ctx.seed)
-        for it, batch in enumerate(loader):
+        start = ctx.resumed_from
+        # the loader's iterator draws its base seed from torch's RNG: made before a resumed fit
+        # restores the RNG states, so every later draw is the uninterrupted fit's
+        batches = iter(self._loader(images, [s.instances for s in samples], ctx.seed, start))
+        if start:
+            self._restore_resume(self.resume.point.folder, opt, scaler)  # type: ignore[union-attr]
+        for it, batch in enumerate(batches, start):
             for g in opt.param_groups:
                 g["lr"] = step_lr(c, it)
             imgs = [img.to(self.device, non_blocking=True) for img, _ in batch]
@@ -182,19 +205,52 @@ class TorchvisionMaskRCNN(TrainableAdapter):
                 ctx.validate(it + 1, self.predict)
                 self.model.train()
                 self.model.transform.min_size = train_sizes
+            self.checkpoint_due(it + 1, c.iterations, ctx, lambda d: self._write_resume(d, opt, scaler))
         self.model.transform.min_size = (c.min_size,)
         self.model.eval()
 
-    def _loader(self, images: list, instances: list[Instances], seed: int):
+    def _write_resume(self, folder: Path, opt, scaler) -> None:
+        """A mid-training checkpoint: what the next iteration needs (the LR is a function of the
+        iteration, :func:`step_lr`, so there is no scheduler state)."""
+        import torch
+
+        torch.save({"model": self.model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                    "rng": rng_state()}, folder / "resume.pt")
+
+    def _restore_resume(self, folder: Path, opt, scaler) -> None:
+        import torch
+
+        # on the CPU (RNG states must be); load_state_dict moves weights and optimizer state to the model's device
+        state = torch.load(folder / "resume.pt", map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if state["scaler"]:  # empty when written without AMP (a disabled GradScaler has no state)
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+
+    @staticmethod
+    def _auto_anchors_of(c: "TorchvisionMaskRCNNConfig", instances: Sequence[Instances]) -> dict:
+        """``anchor_sizes=auto``: from the instances as the network sees them at ``min_size``."""
+        from bench.anchors import auto_anchor_sizes, summary, training_sizes
+
+        sizes = training_sizes(instances, c.min_size, c.max_size, c.train_crop)
+        return summary(sizes, auto_anchor_sizes(sizes, len(TorchvisionMaskRCNNConfig().anchor_sizes)))
+
+    def _auto_anchors(self, samples: Sequence[Sample]) -> dict:
+        return self._auto_anchors_of(self.cfg, [s.instances for s in samples])  # type: ignore[arg-type]
+
+    def _loader(self, images: list, instances: list[Instances], seed: int, start: int = 0):
         """Batches of (image, target): drawn with replacement, one augmentation seed per item, both
-        fixed up front, so the batches are the same whatever ``num_workers`` is."""
+        fixed up front, so the batches are the same whatever ``num_workers`` is; a fit resumed at
+        iteration ``start`` gets the batches from ``start`` on."""
         import torch
 
         c: TorchvisionMaskRCNNConfig = self.cfg  # type: ignore[assignment]
         rng = np.random.default_rng(seed)
         picks = rng.integers(0, len(images), c.iterations * c.batch_size)
         seeds = rng.integers(0, 2 ** 31 - 1, c.iterations * c.batch_size)
-        data = _TrainItems(images, instances, picks, seeds, c)
+        skip = start * c.batch_size
+        data = _TrainItems(images, instances, picks[skip:], seeds[skip:], c)
         return torch.utils.data.DataLoader(
             data, batch_size=c.batch_size, shuffle=False, num_workers=c.num_workers, collate_fn=list,
             pin_memory=str(self.device).startswith("cuda"), persistent_workers=False)
@@ -212,7 +268,12 @@ class TorchvisionMaskRCNN(TrainableAdapter):
     def _target(img, inst: Instances, rng, c: TorchvisionMaskRCNNConfig):
         import torch
 
-        masks = np.stack([inst.dense(i) for i in range(len(inst))])
+        if c.train_crop:  # before the flips, as Detectron2's and MMDetection's crops
+            from bench.tiling import random_crop
+
+            img, inst = random_crop(img, inst, c.train_crop, rng, c.train_crop_min_area, channels_first=True)
+        masks = (np.stack([inst.dense(i) for i in range(len(inst))]) if len(inst)
+                 else np.zeros((0, inst.height, inst.width), dtype=bool))
         if c.augment != "none" and rng.random() < 0.5:
             img, masks = img.flip(-1), masks[:, :, ::-1]
         if c.augment == "extra":
@@ -228,6 +289,9 @@ class TorchvisionMaskRCNN(TrainableAdapter):
                      "masks": torch.from_numpy(masks.astype(np.uint8))}
 
     # ---- inference -----------------------------------------------------------------
+    def score_threshold(self) -> float | None:
+        return float(self.cfg.box_score_thresh)  # type: ignore[attr-defined]
+
     def predict(self, samples: Sequence[Sample]) -> list[Instances]:
         import torch
 
@@ -236,6 +300,7 @@ class TorchvisionMaskRCNN(TrainableAdapter):
         c: TorchvisionMaskRCNNConfig = self.cfg  # type: ignore[assignment]
         self.model.eval()
         self.model.transform.min_size = (c.min_size,)
+        self.model.roi_heads.score_thresh = self.predict_threshold()  # the raw floor while capturing
         out = []
         with torch.inference_mode():
             for start in range(0, len(samples), c.predict_batch_size):
@@ -257,10 +322,11 @@ class TorchvisionMaskRCNN(TrainableAdapter):
         torch.save(self.model.state_dict(), directory / "model.pt")
 
     def checkpoint_extra(self) -> dict:
-        return {"pixel_mean": self.pixel_mean, "pixel_std": self.pixel_std}
+        return {"pixel_mean": self.pixel_mean, "pixel_std": self.pixel_std, "anchors": self.anchors}
 
     def restore_extra(self, extra: dict) -> None:
         self.pixel_mean, self.pixel_std = extra["pixel_mean"], extra["pixel_std"]
+        self.anchors = extra.get("anchors")
 
     def load_weights(self, directory: Path) -> None:
         import torch

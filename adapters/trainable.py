@@ -14,6 +14,9 @@ into :class:`~bench.data.sample.Instances`, and how to save/load its weights. Sh
 * **one checkpoint layout**: the adapter's weights plus ``meta.json`` (adapter, classes, config,
   input policy, schema version, adapter extras), checked on load with a clear error;
 * one masks-to-instances path (:func:`bench.data.masks.instances_from_masks`);
+* **mid-training checkpoints** (``checkpoint_every``, :class:`FitResume`): where the framework
+  allows it, an interrupted fit started again in the same model folder continues from its latest
+  checkpoint (weights, optimizer, scheduler, iteration, RNG states) instead of starting over;
 * for loops cellbench writes itself, the warm-up + step learning rate (:func:`step_lr`), and for
   user-named weights files, one tolerant state-dict loader (:func:`load_matching_state`).
 
@@ -24,18 +27,21 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import random
+import shutil
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
 from bench.adapters.base import Adapter, AdapterConfig, FitContext
 from bench.data.normalize import InputPolicy, normalize
 from bench.data.sample import Sample
+from bench.util import atomic_write_json
 
 CHECKPOINT_SCHEMA = 1
 META_FILE = "meta.json"
@@ -47,6 +53,9 @@ VOCABULARY: dict[str, str] = {
     "epochs": "passes over the training images (epoch-based frameworks: Cellpose, YOLO; StarDist's fixed-length epochs)",
     "steps_per_epoch": "optimiser steps per epoch where the framework fixes an epoch's length (StarDist)",
     "patch_size": "training crop (h, w) in pixels, where the framework trains on crops (StarDist)",
+    "train_crop": "detectors: images larger than this (px) train on random crops of it, before the resize "
+                  "(bench/tiling.py; 0: off)",
+    "train_crop_min_area": "with train_crop: instances left with fewer pixels by the crop are dropped",
     "lr": "base learning rate",
     "batch_size": "images per optimiser step",
     "weight_decay": "L2 weight decay",
@@ -58,6 +67,8 @@ VOCABULARY: dict[str, str] = {
     "augment": "training augmentation: none, default (flips [+ resize]) or extra",
     "eval_every": "validation-curve point every N iterations/epochs (0: off)",
     "log_every": "training-log record every N iterations",
+    "checkpoint_every": "mid-training checkpoint every N iterations (0: off), which an interrupted fit "
+                        "resumes from (adapters with resumes_mid_training)",
     "grad_clip": "max gradient norm (None: off)",
     "num_workers": "data-loader worker processes",
     "predict_batch_size": "images per inference call (1, the default, times per-image latency; more "
@@ -235,6 +246,128 @@ def read_meta(directory: Path, adapter_name: str) -> dict:
 
 
 # ---------------------------------------------------------------------------
+# mid-training checkpoints: an interrupted fit continues where it stopped
+# ---------------------------------------------------------------------------
+
+RESUME_STATE = "state.json"
+
+
+def rng_state() -> dict:
+    """Python's, numpy's and torch's (CPU and every GPU) global RNG states, as tensors and plain
+    values only (so ``torch.load(weights_only=True)`` reads them back)."""
+    import torch
+
+    np_state = np.random.get_state(legacy=False)
+    state = {"python": random.getstate(), "numpy_key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+             "numpy_pos": int(np_state["state"]["pos"]), "numpy_gauss": [np_state["has_gauss"], np_state["gauss"]],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, numpy: bool = True) -> None:
+    """Inverse of :func:`rng_state` (CUDA states only where there are as many GPUs). ``numpy=False``
+    leaves numpy's alone, for a framework whose resume replays the data pipeline (its numpy draws)
+    after the checkpoint is read."""
+    import torch
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if numpy:
+        has_gauss, cached = state["numpy_gauss"]
+        np.random.set_state({"bit_generator": "MT19937", "has_gauss": int(has_gauss), "gauss": float(cached),
+                             "state": {"key": state["numpy_key"].numpy().astype(np.uint32),
+                                       "pos": state["numpy_pos"]}})
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumePoint:
+    """The latest mid-training checkpoint: ``iteration`` optimiser steps done, the adapter's files
+    in ``folder``, after ``seconds`` of training (validation excluded)."""
+
+    iteration: int
+    folder: Path
+    seconds: float
+
+
+class FitResume:
+    """Mid-training checkpoints of one fit, in the folder the runner names (``ctx.resume_dir``,
+    :attr:`bench.store.ModelDir.resume`).
+
+    Layout: ``state.json`` (what the checkpoint belongs to, its iteration) and ``iter<k>/`` (the
+    adapter's files: weights, optimizer, scheduler, RNG states). A checkpoint is written into
+    ``iter<k>.tmp`` and renamed, then ``state.json`` is replaced, then older folders are removed,
+    so a kill at any moment leaves the previous checkpoint readable. A checkpoint of another fit
+    (another config, seed, class list or training set: its ``fingerprint``) is removed, not used.
+    Who removes the folder when the fit finishes: the runner, once ``fit.done.json`` is written.
+    """
+
+    def __init__(self, directory: Path | None, every: int, fingerprint: dict):
+        self.directory = Path(directory) if directory is not None else None
+        self.every = int(every)
+        self.fingerprint = fingerprint
+        self.point: ResumePoint | None = None
+        self.note = ""          # why a checkpoint found there was not used
+
+    def due(self, done: int, total: int) -> bool:
+        """Whether to checkpoint after ``done`` iterations (never after the last: the fit is done)."""
+        return self.directory is not None and self.every > 0 and done % self.every == 0 and done < total
+
+    def find(self) -> ResumePoint | None:
+        """The checkpoint to continue from, if one of this very fit is there (sets ``point``)."""
+        state_file = self.directory / RESUME_STATE if self.directory is not None else None
+        if state_file is None or not state_file.is_file():
+            return None
+        try:
+            state = json.loads(state_file.read_text())
+            folder = self.directory / state["folder"]
+            point = ResumePoint(int(state["iteration"]), folder, float(state.get("seconds", 0.0)))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            self.note = f"{state_file} unreadable ({e}): the fit starts over"
+        else:
+            if state.get("fingerprint") != self.fingerprint:
+                self.note = f"{self.directory} holds checkpoints of another fit (config, seed or data differ): " \
+                            "the fit starts over"
+            elif not folder.is_dir():
+                self.note = f"{folder} is missing: the fit starts over"
+            else:
+                self.point = point
+                return point
+        shutil.rmtree(self.directory, ignore_errors=True)
+        return None
+
+    def save(self, done: int, seconds: float, write: Callable[[Path], None]) -> None:
+        """Checkpoint after ``done`` iterations: ``write(folder)`` writes the adapter's files."""
+        assert self.directory is not None
+        name = f"iter{done}"
+        tmp, final = self.directory / f"{name}.tmp", self.directory / name
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        atomic_write_json(self.directory / RESUME_STATE, {"iteration": done, "folder": name,
+                                                          "seconds": round(seconds, 3),
+                                                          "fingerprint": self.fingerprint})
+        for old in self.directory.iterdir():
+            if old.is_dir() and old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def fit_fingerprint(adapter: "TrainableAdapter", cfg: AdapterConfig, train: Sequence[Sample], seed: int) -> dict:
+    """What makes two fits the same fit: adapter, config (but how often it checkpoints), seed, classes
+    and training images (their ids, hashed)."""
+    ids = hashlib.sha256("\n".join(str(s.image_id) for s in train).encode()).hexdigest()[:16]
+    config = {k: v for k, v in cfg.model_dump(mode="json").items() if k != "checkpoint_every"}
+    return {"adapter": adapter.name, "config": config, "seed": int(seed), "classes": list(adapter.classes),
+            "train": ids}
+
+
+# ---------------------------------------------------------------------------
 # the base
 # ---------------------------------------------------------------------------
 
@@ -248,10 +381,14 @@ class TrainableAdapter(Adapter):
 
     # shared vocabulary key -> the framework's own key (for the README and `bench models`)
     framework_keys: ClassVar[dict[str, str]] = {}
+    # True: ``train`` writes checkpoints every ``checkpoint_every`` iterations and continues from the
+    # latest one (``self.resume``); False: an interrupted fit restarts from its start (same seed)
+    resumes_mid_training: ClassVar[bool] = False
 
     def __init__(self, cfg: AdapterConfig, classes: Sequence[str], device: str = "cpu"):
         super().__init__(cfg, classes, device)
         self.policy = InputPolicy.of(cfg)
+        self.resume = FitResume(None, 0, {})
 
     # ---- shared -----------------------------------------------------------------
     def model_input(self, image: np.ndarray) -> np.ndarray:
@@ -264,7 +401,21 @@ class TrainableAdapter(Adapter):
         seed_everything(ctx.seed)
         configure_torch(self.device)
         ctx.start_clock()
+        self.resume = FitResume(ctx.resume_dir if self.resumes_mid_training else None,
+                                int(getattr(cfg, "checkpoint_every", 0) or 0),
+                                fit_fingerprint(self, cfg, train, ctx.seed))
+        point = self.resume.find()
+        if self.resume.note:
+            print(f"{self.name}: {self.resume.note}", flush=True)
+        if point is not None:
+            print(f"{self.name}: resuming the fit from its checkpoint at iteration {point.iteration}", flush=True)
+        ctx.begin(point.iteration if point else 0, point.seconds if point else 0.0)
         self.train(train, val, ctx)
+
+    def checkpoint_due(self, done: int, total: int, ctx: FitContext, write: Callable[[Path], None]) -> None:
+        """After ``done`` of ``total`` iterations: a mid-training checkpoint if one is due."""
+        if self.resume.due(done, total):
+            self.resume.save(done, ctx.training_seconds(), write)
 
     def save(self, directory: Path) -> None:
         directory = Path(directory)

@@ -229,6 +229,9 @@ class YoloSeg(TrainableAdapter):
         model.add_callback("on_train_epoch_end", on_epoch_end)
 
     # ---- inference -------------------------------------------------------------------------------
+    def score_threshold(self) -> float | None:
+        return float(self.cfg.conf)  # type: ignore[attr-defined]
+
     def predict(self, samples: Sequence[Sample]) -> list[Instances]:
         if self.yolo is None:
             raise RuntimeError("yolo-seg: fit() or load() first")
@@ -236,7 +239,7 @@ class YoloSeg(TrainableAdapter):
         out = []
         for s in samples:
             bgr = np.ascontiguousarray(self._image(s)[:, :, ::-1])  # Ultralytics reads numpy arrays as BGR
-            r = self.yolo.predict(bgr, imgsz=c.imgsz, conf=c.conf, iou=c.iou, max_det=c.max_det, retina_masks=True,
+            r = self.yolo.predict(bgr, imgsz=c.imgsz, conf=self.predict_threshold(), iou=c.iou, max_det=c.max_det, retina_masks=True,
                                   device=self._device(), verbose=False)[0]
             out.append(self._to_instances(r, s.height, s.width))
         return out

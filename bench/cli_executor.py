@@ -1,4 +1,4 @@
-"""``bench status``, and the executor options of ``bench sweep`` (registered from :mod:`bench.cli`)."""
+"""``bench status``, and the executor options of ``bench sweep`` and ``bench run`` (registered from :mod:`bench.cli`)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,22 @@ def executor_spec(config: Path, executor: str, jobs: int | None, gpus: str | Non
     items = list(slurm) + ([f"max_parallel={max_parallel}"] if max_parallel is not None else [])
     return ExecutorSpec(name=executor, jobs=jobs if jobs is not None else max(1, len(gpu_list)), gpus=gpu_list,
                         slurm=parse_slurm_options(file_opts, items))
+
+
+def run_executor_spec(executor: str, jobs: int | None, gpus: str | None, max_parallel: int | None,
+                      slurm: list[str], device: str):
+    """``bench run``'s executor options, checked before the run folder is written (no sbatch, --gpus
+    on a CPU run, an unknown option: refused here)."""
+    from bench.executor import ExecutorSpec, check_executor, parse_gpus, parse_slurm_options
+    from bench.runner.devices import resolve_device
+
+    gpu_list = parse_gpus(gpus)
+    items = list(slurm) + ([f"max_parallel={max_parallel}"] if max_parallel is not None else [])
+    spec = ExecutorSpec(name=executor, jobs=jobs if jobs is not None else max(1, len(gpu_list)), gpus=gpu_list,
+                        slurm=parse_slurm_options({}, items))
+    if not spec.serial:
+        check_executor(spec, resolve_device(device))
+    return spec
 
 
 @app.command("status")

@@ -2,7 +2,8 @@
 model folder, a leaderboard row like any other.
 
 No inference is redone: each member's ``predictions.jsonl.gz`` (every instance it returned,
-before overlap resolution) is read and the members' instance sets of each validation image
+before overlap resolution; with ``tune``, its un-thresholded ``raw_outputs.jsonl.gz`` where the
+run kept one, bench/raw.py) is read and the members' instance sets of each validation image
 are fused by :func:`bench.fusion.fuse_sets` (``mask-vote``, ``score-average`` or
 ``wbf-masks``). Members must come from runs on the same split of the same data (the split
 hash, which covers the image ids and the annotations' content): anything else is refused,
@@ -50,6 +51,7 @@ class Member:
     preds: dict[str, Instances]
     split_hash: str
     metrics: dict
+    source: str = "predictions"
 
 
 # ---------------------------------------------------------------------------
@@ -64,8 +66,10 @@ def resolve_member(run: RunDir, ref: str) -> ModelDir:
     return run.resolve(ref)
 
 
-def load_member(md: ModelDir, run_split: str) -> Member:
-    """The member's cached outputs, checked: present, readable, made on ``run_split``."""
+def load_member(md: ModelDir, run_split: str, raw: bool = False) -> Member:
+    """The member's cached outputs, checked: present, readable, made on ``run_split``. ``raw``: its
+    un-thresholded raw outputs where the run kept them (bench/raw.py), for a tuned fusion whose
+    threshold may go below the member's own."""
     from bench.data.predictions import read_predictions
 
     if not md.predictions.is_file():
@@ -79,7 +83,14 @@ def load_member(md: ModelDir, run_split: str) -> Member:
         raise DataError(md.path, f"model {md.label} was trained and scored on split {split}, the ensemble's "
                                  f"run on split {run_split}: only models of the same split (same data, same "
                                  "validation images) can be fused")
-    return Member(md.label, md, preds, split, md.read_metrics() or {})
+    source = "predictions"
+    if raw:
+        from bench.raw import cached_predictions
+
+        cached = cached_predictions(md)
+        if cached is not None:
+            preds, source = cached[0], cached[1]
+    return Member(md.label, md, preds, split, md.read_metrics() or {}, source)
 
 
 def member_cv_scores(md: ModelDir) -> dict[str, float] | None:
@@ -233,7 +244,7 @@ def build_ensemble(run_dir: Path, refs: Sequence[str], name: str, method: str = 
     if weights is not None:
         normalise_weights(weights, len(refs))
     out = check_name(name, run)
-    members = [load_member(resolve_member(run, r), manifest.split_hash) for r in refs]
+    members = [load_member(resolve_member(run, r), manifest.split_hash, raw=tune) for r in refs]
     check_members(members)
     gt, classes = validation_ground_truth(run.path, manifest)
     seed = int(manifest.seed) if seed is None else int(seed)
@@ -242,7 +253,8 @@ def build_ensemble(run_dir: Path, refs: Sequence[str], name: str, method: str = 
     sizes = {i: (g.height, g.width) for i, (g, _) in gt.items()}
     plain = fuse_images(preds, list(gt), sizes, weights, method)
     fuse_ms = 1000 * (time.perf_counter() - t0) / max(len(gt), 1)
-    record: dict = {"members": [{"label": m.label, "dir": str(m.dir.path), "split": m.split_hash} for m in members],
+    record: dict = {"members": [{"label": m.label, "dir": str(m.dir.path), "split": m.split_hash, "source": m.source}
+                                for m in members],
                     "method": method, "weights_given": list(weights) if weights else None, "split_hash":
                     manifest.split_hash, "tuned": tune}
     if tune:

@@ -23,6 +23,7 @@ from bench.data.errors import DataError
 from bench.data.io import IMAGE_SUFFIXES, read_image
 from bench.data.sample import Instances, Sample
 from bench.store import Job, Manifest, RunDir
+from bench.tiling import predictor as tiled_predictor
 from bench.tune import apply_tuning, with_scores
 
 
@@ -103,6 +104,19 @@ class InferResult:
     classes_used: dict[str, str] = field(default_factory=dict)  # image -> class whose thresholds applied
 
 
+def _predict_for(lm: LoadedModel, s: Sample, mode: str) -> Instances:
+    """Thresholds tuned on the raw outputs (bench/raw.py) apply to what the model gives down to the
+    same score floor; otherwise the model predicts as configured."""
+    from bench.raw import capture
+
+    predict = tiled_predictor(lm.adapter)  # tiles when the config asks for them
+    floor = (lm.tuning or {}).get("score_floor") if mode == "tuned" else None
+    if floor is None:
+        return predict([s])[0]
+    with capture(lm.adapter, float(floor), maps=False):
+        return predict([s])[0]
+
+
 def infer_folder(lm: LoadedModel, paths: list[Path], mode: str = "tuned", skip_bad: bool = False,
                  on_image: Callable[[str, np.ndarray, Instances], None] | None = None,
                  progress: bool = True) -> InferResult:
@@ -127,7 +141,7 @@ def infer_folder(lm: LoadedModel, paths: list[Path], mode: str = "tuned", skip_b
             continue
         h, w = img.shape[:2]
         s = Sample(image_id=p.stem, instances=Instances.empty(h, w, with_scores=False), path=p, _image=img)
-        pred = lm.adapter.predict([s])[0]
+        pred = _predict_for(lm, s, mode)
         if (pred.height, pred.width) != (h, w):
             raise RuntimeError(f"{lm.label}: prediction for {p} is {pred.width}x{pred.height}, image is {w}x{h}")
         pred = with_scores(pred)

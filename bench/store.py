@@ -13,6 +13,8 @@ Layout (unchanged file names, so older ``results/`` read as before)::
         train_log.jsonl        one line per logged training step
         val_curve.jsonl        validation-curve points
         work/                  the adapter's scratch folder during fit
+        resume/                mid-training checkpoints (checkpoint_every): state.json + iter<k>/; removed
+                               once fit.done.json is written, kept while the fit is unfinished
         checkpoint/            what ``Adapter.save`` wrote (``checkpoint.tmp`` while being written)
         fit.done.json          FitDone: the fit stage finished (timings, memory)
         predictions.jsonl.gz   validation predictions
@@ -26,6 +28,9 @@ Layout (unchanged file names, so older ``results/`` read as before)::
 
     SWEEP/sweep.json, SWEEP/split.json, SWEEP/runs/<variant>/seed<k>[-pretrain<j>]/  (SweepDir)
     SWEEP/jobs/<variant>/seed<k>/   SweepJobDir: request.json, state.json, log.txt of an executor's job
+    SWEEP/jobs/<variant>/seed<k>-pretrain<j>/   the same for a pretrain stage's own job
+    RUN/jobs/<label>/               the same for one model's job of ``bench run --jobs N`` / SLURM
+    RUN/slurm/                      submitit's folder of ``bench run --executor slurm``
     SWEEP/slurm/                    submitit's folder (sbatch scripts, pickles, %j_%t_log.out/.err)
 
 Nothing else in ``bench`` spells these names. Records are written atomically
@@ -243,10 +248,12 @@ class ModelDir:
     train_log = property(lambda self: self.path / "train_log.jsonl")
     val_curve = property(lambda self: self.path / "val_curve.jsonl")
     work = property(lambda self: self.path / "work")
+    resume = property(lambda self: self.path / "resume")   # mid-training checkpoints (adapters/trainable.py)
     checkpoint = property(lambda self: self.path / "checkpoint")
     checkpoint_tmp = property(lambda self: self.path / "checkpoint.tmp")
     predictions = property(lambda self: self.path / "predictions.jsonl.gz")
-    raw_outputs = property(lambda self: self.path / "raw_outputs.jsonl.gz")     # TTA passes before merging
+    raw_outputs = property(lambda self: self.path / "raw_outputs.jsonl.gz")     # every pass, above the raw floor
+    raw_maps = property(lambda self: self.path / "raw_maps")                     # per-pixel maps, one npz per image
     ensemble_record = property(lambda self: self.path / "ensemble.json")        # bench ensemble: members, tuning
     fit_done = property(lambda self: self.path / "fit.done.json")
     predict_done = property(lambda self: self.path / "predict.done.json")
@@ -258,6 +265,15 @@ class ModelDir:
     def mkdir(self) -> "ModelDir":
         self.path.mkdir(parents=True, exist_ok=True)
         return self
+
+    def raw_map(self, image_id: str) -> Path:
+        """One image's per-pixel maps (bench/raw.py); an id that is not folder-safe gets a hash tail."""
+        import hashlib
+
+        safe = re.sub(r"[^A-Za-z0-9_.=,+-]", "_", image_id)
+        if safe != image_id or safe.startswith("."):
+            safe = f"{safe}-{hashlib.sha1(image_id.encode()).hexdigest()[:8]}"
+        return self.raw_maps / f"{safe}.npz"
 
     def is_dir(self) -> bool:
         return self.path.is_dir()
@@ -456,6 +472,13 @@ class RunDir:
     def write_manifest(self, manifest: Manifest) -> None:
         manifest.write(self.manifest_path)
 
+    jobs_dir = property(lambda self: self.path / "jobs")
+    slurm_dir = property(lambda self: self.path / "slurm")
+
+    def job(self, label: str) -> "SweepJobDir":
+        """One model's executor job (``bench run --jobs N`` / ``--executor slurm``)."""
+        return SweepJobDir(self.jobs_dir / label)
+
     def model(self, label: str) -> ModelDir:
         return ModelDir(self.models_dir / label)
 
@@ -515,6 +538,9 @@ class SweepDir:
 
     def job(self, variant: str, seed: int) -> "SweepJobDir":
         return SweepJobDir(self.jobs_dir / variant / f"seed{seed}")
+
+    def stage_job(self, variant: str, seed: int, stage: int) -> "SweepJobDir":
+        return SweepJobDir(self.jobs_dir / variant / f"seed{seed}-pretrain{stage}")
 
     def read_manifest(self) -> dict | None:
         return json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else None

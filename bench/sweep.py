@@ -375,8 +375,12 @@ def run_sweep(config_path: str | Path, seeds: list[int] | None = None, preset: s
 
 
 def _run_one(cfg: SweepConfig, v: str, seed: int, out: Path, data_path: str, base_preset: str,
-             preset: str | None, device: str, sets: dict, opts: dict, echo, timeout_s, cache: Path) -> dict:
-    from bench.runner.run import builtin_dataset, run_benchmark
+             preset: str | None, device: str, sets: dict, opts: dict, echo, timeout_s, cache: Path,
+             stages_done: bool = False) -> dict:
+    """One variant x seed: its pretrain stages in order, then its own fit. ``stages_done``: a stage
+    whose run is finished (by its own executor job) is taken as it is, without reopening it."""
+    from bench.executor.status import run_done
+    from bench.runner.run import run_benchmark
 
     variant = cfg.variants[v]
     if variant.ensemble is not None:
@@ -388,32 +392,19 @@ def _run_one(cfg: SweepConfig, v: str, seed: int, out: Path, data_path: str, bas
     say = lambda msg: echo(f"[{v} seed {seed}] {msg}")  # noqa: E731
     state: dict[str, Any] = {"variant": v, "seed": seed, "model": model, "run_dir": str(run_dir.relative_to(out)),
                              "stages": []}
-    weights = None
     for j, st in enumerate(variant.pretrain):
-        st_dir = SweepDir(out).pretrain_run(v, seed, j).path
-        st_opts = stage_options(cfg, v, j, sets, opts)
-        if weights:
-            st_opts["weights"] = weights
-        kw: dict[str, Any] = {}
-        if st.data == "split:train+val":
-            st_data, kw = data_path, {"split_file": SweepDir(out).split, "train_on": "train+val"}
-        elif st.data.startswith("builtin:"):
-            st_data = str(builtin_dataset(base_preset, cache, style=st.data.split(":", 1)[1]))
-        else:
-            st_data = st.data
-        say(f"pretrain stage {j} on {st.data}")
-        _, outcomes = run_benchmark([model], st_data, pre, device, seed, st_dir, RunDir(st_dir).exists(),
-                                    cfg.base.val_fraction,
-                                    overrides={model: st_opts}, echo=say, timeout_s=timeout_s, **kw)
-        o = outcomes[0]
-        state["stages"].append({"data": st.data, "run_dir": str(st_dir.relative_to(out)), "state": o.state})
-        if o.state != "done":
-            state.update(state=o.state, detail=f"pretrain stage {j}: {o.detail}")
+        st_dir = SweepDir(out).pretrain_run(v, seed, j)
+        if stages_done and run_done(st_dir):
+            state["stages"].append({"data": st.data, "run_dir": str(st_dir.path.relative_to(out)), "state": "done"})
+            continue
+        st_state = run_stage(cfg, v, seed, j, out, data_path, base_preset, preset, device, sets, opts, echo,
+                             timeout_s, cache)
+        state["stages"].append({k: st_state[k] for k in ("data", "run_dir", "state")})
+        if st_state["state"] != "done":
+            state.update(state=st_state["state"], detail=st_state["detail"])
             return state
-        ckpt = RunDir(st_dir).model_for(model).checkpoint.resolve()
-        weights = str(registry.get(model).warm_start_file(ckpt))
-    if weights:
-        own["weights"] = weights
+    if variant.pretrain:
+        own["weights"] = stage_weights(cfg, v, seed, len(variant.pretrain) - 1, out)
     _, outcomes = run_benchmark([model], data_path, pre, device, seed, run_dir, RunDir(run_dir).exists(),
                                 cfg.base.val_fraction, overrides={model: own}, split_file=SweepDir(out).split,
                                 echo=say,
@@ -421,6 +412,42 @@ def _run_one(cfg: SweepConfig, v: str, seed: int, out: Path, data_path: str, bas
     o = outcomes[0]
     state.update(state=o.state, detail=o.detail, label=o.label)
     return state
+
+
+def stage_weights(cfg: SweepConfig, v: str, seed: int, j: int, out: Path) -> str:
+    """The warm-start file of pretrain stage ``j``'s checkpoint: what the next stage starts from."""
+    model = variant_model(cfg, v)
+    ckpt = SweepDir(out).pretrain_run(v, seed, j).model_for(model).checkpoint.resolve()
+    return str(registry.get(model).warm_start_file(ckpt))
+
+
+def run_stage(cfg: SweepConfig, v: str, seed: int, j: int, out: Path, data_path: str, base_preset: str,
+              preset: str | None, device: str, sets: dict, opts: dict, echo, timeout_s, cache: Path) -> dict:
+    """Pretrain stage ``j`` of a variant x seed (starting from stage ``j-1``'s weights); its state."""
+    from bench.runner.run import builtin_dataset, run_benchmark
+
+    st = cfg.variants[v].pretrain[j]
+    model = variant_model(cfg, v)
+    st_dir = SweepDir(out).pretrain_run(v, seed, j).path
+    st_opts = stage_options(cfg, v, j, sets, opts)
+    if j > 0:
+        st_opts["weights"] = stage_weights(cfg, v, seed, j - 1, out)
+    kw: dict[str, Any] = {}
+    if st.data == "split:train+val":
+        st_data, kw = data_path, {"split_file": SweepDir(out).split, "train_on": "train+val"}
+    elif st.data.startswith("builtin:"):
+        st_data = str(builtin_dataset(base_preset, cache, style=st.data.split(":", 1)[1]))
+    else:
+        st_data = st.data
+    say = lambda msg: echo(f"[{v} seed {seed}] {msg}")  # noqa: E731
+    say(f"pretrain stage {j} on {st.data}")
+    _, outcomes = run_benchmark([model], st_data, variant_preset(cfg, v, preset), device, seed, st_dir,
+                                RunDir(st_dir).exists(), cfg.base.val_fraction,
+                                overrides={model: st_opts}, echo=say, timeout_s=timeout_s, **kw)
+    o = outcomes[0]
+    return {"variant": v, "seed": seed, "stage": j, "model": model, "data": st.data,
+            "run_dir": str(st_dir.relative_to(out)), "state": o.state,
+            "detail": "" if o.state == "done" else f"pretrain stage {j}: {o.detail}"}
 
 
 def with_members(cfg: SweepConfig, chosen: list[str]) -> list[str]:

@@ -228,6 +228,12 @@ class TTAPredictor:
     # the adapter declares non-overlapping masks (watershed, Cellpose): merged passes may overlap,
     # so they are resolved by score as the evaluator would, and the adapter's contract holds
     resolve_overlaps: bool = False
+    # bench/raw.py: ``predict`` returns instances down to the raw floor; the published ones (and the
+    # passes merged) keep scores above ``threshold``. ``take_maps``: the adapter's per-pixel maps of
+    # the samples just predicted (kept in ``maps`` for the identity pass)
+    threshold: float | None = None
+    take_maps: Callable[[], list[dict]] | None = None
+    maps: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self):
         self.augs = parse_tta(self.text)
@@ -236,19 +242,41 @@ class TTAPredictor:
     def active(self) -> bool:
         return len(self.augs) > 1
 
+    def _maps(self, ids: Sequence[str] | None) -> None:
+        from bench.raw import quantise
+
+        got = self.take_maps() if self.take_maps else []
+        if ids is not None and self.keep_raw:  # quantised at once: uint8 is what is kept
+            self.maps.update({i: {k: quantise(v) for k, v in m.items()} for i, m in zip(ids, got) if m})
+
+    def batch(self, samples: Sequence[Sample], record: bool = True) -> list[Instances]:
+        """Several samples in one ``predict`` call (no TTA): raw kept, published returned."""
+        from bench.raw import publish
+
+        if self.active:
+            return [self(s, record) for s in samples]
+        outs = self.predict(list(samples))
+        self._maps([s.image_id for s in samples] if record else None)
+        if record and self.keep_raw:
+            self.raw.update({s.image_id: {IDENTITY.name: o} for s, o in zip(samples, outs)})
+        return [publish(o, self.threshold) for o in outs]
+
     def __call__(self, sample: Sample, record: bool = True) -> Instances:
+        from bench.raw import publish
+
         if not self.active:
-            return self.predict([sample])[0]
+            return self.batch([sample], record)[0]
         t0 = time.perf_counter()
         outs, t_id = [], 0.0
         for aug in self.augs:
             ta = time.perf_counter()
             s = sample if aug == IDENTITY else transform_sample(sample, aug)
             out = invert(self.predict([s])[0], aug, sample.height, sample.width)
+            self._maps([sample.image_id] if record and aug == IDENTITY else None)
             if aug == IDENTITY:
                 t_id = time.perf_counter() - ta
             outs.append(out)
-        merged = fuse_passes(outs)
+        merged = fuse_passes([publish(o, self.threshold) for o in outs])
         if self.resolve_overlaps:
             from bench.metrics.kaggle import resolve_overlaps
 
@@ -259,6 +287,15 @@ class TTAPredictor:
             if self.keep_raw:
                 self.raw[sample.image_id] = {a.name: o for a, o in zip(self.augs, outs)}
         return merged
+
+    def raw_header(self, floor: float | None, predictions=None) -> dict:
+        """What the raw cache's header says about how it was made (bench/raw.py reads it), with the
+        digest of the ``predictions`` file published from it (a cache no longer matching is not used)."""
+        from bench.raw import file_digest
+
+        return {"score_floor": floor, "score_threshold": self.threshold, "passes": [a.name for a in self.augs],
+                "resolve_overlaps_after_merge": bool(self.resolve_overlaps and self.active),
+                "predictions_sha1": file_digest(predictions) if predictions is not None else None}
 
     def timing(self) -> dict:
         """What ``predict.done.json`` records about TTA (empty without TTA)."""

@@ -42,6 +42,8 @@ def tta_model(run_dir: Path, model: str, tta: str, device: str = "cpu", echo=pri
     from bench.infer import load_model
     from bench.metrics.bootstrap import paired_bootstrap
     from bench.metrics.evaluator import evaluate_predictions
+    from bench.tiling import predictor as tiled_predictor
+    from bench.raw import begin_capture, end_capture, take_maps, write_raw_maps
     from bench.tta import TTAPredictor, check_supported, validate_tta, write_raw_outputs
 
     run = RunDir(run_dir)
@@ -52,7 +54,8 @@ def tta_model(run_dir: Path, model: str, tta: str, device: str = "cpu", echo=pri
         raise ValueError("--tta none: nothing to do (flip, scale, flip+scale, ...)")
     job = src.read_job()
     name, _ = registry.parse_spec(job.spec)
-    check_supported(name, registry.get(name).capabilities, tta)  # before loading anything
+    cls = registry.get(name)
+    check_supported(name, cls.tta_capabilities(cls.Config(**job.config)), tta)  # before loading anything
     spec = tta_spec(job.spec, tta)
     out = run.model_for(spec)
     if out.is_dir():
@@ -64,7 +67,10 @@ def tta_model(run_dir: Path, model: str, tta: str, device: str = "cpu", echo=pri
     samples = list(val)
     for s in samples:
         s._image = s.image
-    predictor = TTAPredictor(lm.adapter.predict, tta, resolve_overlaps=not job.resolve_overlaps)
+    floor = getattr(lm.adapter.cfg, "raw_floor", None)
+    predictor = TTAPredictor(tiled_predictor(lm.adapter), tta, resolve_overlaps=not job.resolve_overlaps,
+                             threshold=lm.adapter.score_threshold(), take_maps=lambda: take_maps(lm.adapter))
+    begin_capture(lm.adapter, floor)
     if samples:
         predictor(samples[0], record=False)  # warm-up, as the worker does
     preds, times = {}, []
@@ -72,6 +78,7 @@ def tta_model(run_dir: Path, model: str, tta: str, device: str = "cpu", echo=pri
         t0 = time.perf_counter()
         preds[s.image_id] = predictor(s)
         times.append(time.perf_counter() - t0)
+    end_capture(lm.adapter)
     with run.lock():
         if out.is_dir():  # another process made it meanwhile
             raise FileExistsError(f"{out.path} already exists (delete it to predict again)")
@@ -85,7 +92,8 @@ def tta_model(run_dir: Path, model: str, tta: str, device: str = "cpu", echo=pri
             FitDone(skipped=True).write(out.fit_done)
         meta = {"model": spec, "split": split["hash"]}
         write_predictions(out.predictions, preds, ds.classes, meta)
-        write_raw_outputs(out.raw_outputs, predictor.raw, ds.classes, meta)
+        write_raw_outputs(out.raw_outputs, predictor.raw, ds.classes, {**meta, **predictor.raw_header(floor, out.predictions)})
+        write_raw_maps(out, predictor.maps, {"model": spec})
         out.write_predict_done(PredictDone(
             images=len(samples), warmup_images=min(1, len(samples)),
             infer_ms_per_image=1000 * float(np.mean(times)) if times else None,
@@ -103,7 +111,6 @@ def tta_model(run_dir: Path, model: str, tta: str, device: str = "cpu", echo=pri
         if src_metrics.get("per_image"):
             res["paired_vs_source"] = {src.label: paired_bootstrap(res["per_image"], src_metrics["per_image"],
                                                                     seed=job.seed).as_dict()}
-        cls = registry.get(name)
         res.update(model=spec, label=out.label, device=lm.device, fit="weights of " + src.label,
                    overlaps="resolved by score" if job.resolve_overlaps else "none (checked)",
                    capabilities=vars(cls.capabilities) | {"devices": list(cls.capabilities.devices)},

@@ -168,8 +168,12 @@ def make_folds(cls: Sequence[str], k: int, seed: int) -> np.ndarray:
 
 
 def tune_tables(tables: list[ImageTable], class_source: str, seed: int = 0, k: int = 5,
-                score_grid: Sequence[float] = SCORE_GRID, area_grid: Sequence[int] = AREA_GRID) -> dict:
-    """The three numbers, fitted thresholds and per-class breakdown from precomputed image tables."""
+                score_grid: Sequence[float] = SCORE_GRID, area_grid: Sequence[int] = AREA_GRID,
+                untuned_scores: Sequence[float] | None = None) -> dict:
+    """The three numbers, fitted thresholds and per-class breakdown from precomputed image tables.
+
+    ``untuned_scores``: each image's score as published, when the tables hold the un-thresholded
+    raw outputs (bench/raw.py) rather than the published predictions."""
     n = len(tables)
     if n < 2:
         raise ValueError(f"tuning needs at least 2 validation images (has {n}): cross-validation would be empty")
@@ -179,7 +183,7 @@ def tune_tables(tables: list[ImageTable], class_source: str, seed: int = 0, k: i
     S = np.stack([t.grid_scores(score_grid, area_grid) for t in tables])  # (n, G)
     cls = [t.cls for t in tables]
     untuned_i = _grid_index({"score": 0.0, "min_area": 0}, score_grid, area_grid)
-    untuned = S[:, untuned_i]
+    untuned = S[:, untuned_i] if untuned_scores is None else np.asarray(untuned_scores, dtype=float)
     all_rows = np.arange(n)
     thresholds = fit_thresholds(S, cls, all_rows, score_grid, area_grid)
     in_sample = _apply_scores(S, cls, all_rows, thresholds, score_grid, area_grid)
@@ -219,7 +223,8 @@ def tune_tables(tables: list[ImageTable], class_source: str, seed: int = 0, k: i
 
 def tune_predictions(gt: dict[str, tuple[Instances, str]], preds: dict[str, Instances], classes: Sequence[str],
                      seed: int = 0, k: int = 5, class_source: str | None = None,
-                     score_grid: Sequence[float] = SCORE_GRID, area_grid: Sequence[int] = AREA_GRID) -> dict:
+                     score_grid: Sequence[float] = SCORE_GRID, area_grid: Sequence[int] = AREA_GRID,
+                     published: dict[str, Instances] | None = None) -> dict:
     """Tune on ``gt`` (image id -> (instances, ground-truth cell type)) and ``preds``.
 
     An image without a prediction counts as empty (scores 0, as in the evaluator); a
@@ -230,13 +235,16 @@ def tune_predictions(gt: dict[str, tuple[Instances, str]], preds: dict[str, Inst
         raise DataError("predictions", f"{len(unknown)} image id(s) not in the ground truth, e.g. {unknown[:3]}")
     if class_source is None:
         class_source = "predicted" if any((p.classes >= 0).any() for p in preds.values()) else "single"
-    tables = []
+    tables, untuned = [], None
     for iid, (g, ct) in gt.items():
         p = preds.get(iid)
         if p is None:
             p = Instances.empty(g.height, g.width)
         tables.append(build_table(g, p, iid, ct or ALL, classes, class_source))
-    return tune_tables(tables, class_source, seed, k, score_grid, area_grid)
+    if published is not None:  # ``preds`` are raw outputs: "untuned" is what the model published
+        untuned = [build_table(g, published.get(iid, Instances.empty(g.height, g.width)), iid, ct or ALL, classes,
+                               class_source).score(0.0, 0) for iid, (g, ct) in gt.items()]
+    return tune_tables(tables, class_source, seed, k, score_grid, area_grid, untuned)
 
 
 # ---------------------------------------------------------------------------
@@ -291,6 +299,7 @@ def tune_run(run_dir: Path, models: Sequence[str] | None = None, k: int = 5, see
              echo=print) -> dict[str, dict]:
     """Tune each model of a finished run; writes each model's ``tuning.json`` (only that)."""
     from bench.data.predictions import read_predictions
+    from bench.raw import cached_predictions
 
     run = RunDir(run_dir)
     manifest = run.read_manifest()
@@ -306,7 +315,13 @@ def tune_run(run_dir: Path, models: Sequence[str] | None = None, k: int = 5, see
             raise DataError(md.predictions, f"model {label} has no saved validation predictions (did its run "
                                             "finish?)")
         preds, _ = read_predictions(md.predictions)
-        res = tune_predictions(gt, preds, classes, seed=seed, k=k)
+        cached = cached_predictions(md)  # the un-thresholded raw outputs, where the run kept them
+        if cached is not None:
+            res = tune_predictions(gt, cached[0], classes, seed=seed, k=k, published=preds)
+        else:
+            res = tune_predictions(gt, preds, classes, seed=seed, k=k)
+        res["source"] = cached[1] if cached is not None else "predictions (no raw outputs with a score floor)"
+        res["score_floor"] = cached[2] if cached is not None else None  # bench predict predicts down to it
         res["model"] = label
         res["split_hash"] = manifest.split_hash
         metrics = md.read_metrics()

@@ -171,3 +171,36 @@ def test_maskrcnn_tv_loader_workers_do_not_change_training(tiny_synth, tmp_path)
         preds.append(a.predict(val)[0])
     assert len(preds[0]) == len(preds[1]) > 0
     np.testing.assert_array_equal(preds[0].scores, preds[1].scores)
+
+
+def test_maskrcnn_tv_trains_on_crops_with_auto_anchors_and_predicts_tiles(tiny_synth, tmp_path):
+    """train_crop + anchor_sizes=auto train for real; the anchors derived are in meta.json and survive
+    load; predict_tile stitches whole-image predictions (full size, within the image)."""
+    import json
+
+    from bench.tiling import predictor
+
+    ds = read_sartorius(tiny_synth)
+    train, val = ds.samples[:4], ds.samples[6:7]
+    opts = {**TINY_TV, "iterations": 3, "train_crop": 80, "min_size": 80, "max_size": 80,
+            "anchor_sizes": "auto", "predict_tile": 80, "predict_tile_overlap": 24}
+    cfg = make_config("maskrcnn-tv", "smoke", opts)
+    a = build("maskrcnn-tv", ds.classes, "smoke")
+    log = []
+    a.fit(train, val, cfg, FitContext(tmp_path / "w", "cpu", 0, None, log.append))
+    assert np.isfinite(log[-1]["loss"])
+    got = a.anchors["anchor_sizes"]
+    assert len(got) == 5 and got == sorted(got) and got[0] <= a.anchors["size_p5"] <= a.anchors["size_p95"] <= got[-1]
+    assert [s[0] for s in a.model.rpn.anchor_generator.sizes] == got
+    img, t = get("maskrcnn-tv")._target(a._tensor(train[0].image), train[0].instances, np.random.default_rng(0), cfg)
+    assert tuple(img.shape[1:]) == tuple(t["masks"].shape[1:]) == (80, 80)  # a crop of the 128 px image
+    assert len(t["boxes"]) and int(t["masks"].flatten(1).sum(1).min()) >= cfg.train_crop_min_area
+    pred = predictor(a)(val)[0]
+    assert (pred.height, pred.width) == (val[0].height, val[0].width) > (80, 80)  # 4 tiles
+    assert a.policy.norm == a.cfg.input_norm == "percentile"  # the tiles' identity policy is undone
+    a.save(tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "meta.json").read_text())["extra"]["anchors"]["anchor_sizes"] == got
+    b = build("maskrcnn-tv", ds.classes, "smoke")
+    b.load(tmp_path / "ckpt")
+    again = predictor(b)(val)[0]
+    np.testing.assert_array_equal(pred.scores, again.scores)

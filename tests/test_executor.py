@@ -16,7 +16,9 @@ from typer.testing import CliRunner
 from bench.adapters import registry
 from bench.adapters.registry import ConfigError
 from bench.executor import ExecutorError, ExecutorSpec, parse_slurm_options
-from bench.executor.local import make_slots
+from bench.executor.local import Pool
+from bench.executor.resources import Resources
+from bench.executor.task import Task
 from bench.executor.status import status_text
 from bench.store import RunLocked, SweepDir
 from bench.sweep import run_sweep
@@ -48,14 +50,35 @@ def predictions(sweep: Path) -> dict[str, list]:
     return out
 
 
-def test_slots_divide_the_cores_and_give_each_job_its_gpu():
-    slots = make_slots(2, [], cores=[0, 1, 2, 3, 4])
-    assert [s.cores for s in slots] == [[0, 1, 2], [3, 4]]
-    assert slots[1].env({})["OMP_NUM_THREADS"] == "2"
-    assert slots[0].env({"OMP_NUM_THREADS": "1"})["OMP_NUM_THREADS"] == "1"  # never more than asked
-    assert [s.cores for s in make_slots(3, [], cores=[0, 1])] == [[0], [1], [0]]
-    gpu = make_slots(2, ["0", "3"], cores=[0, 1, 2, 3])
-    assert [s.env({})["CUDA_VISIBLE_DEVICES"] for s in gpu] == ["0", "3"]
+def _task(key: str, tmp_path: Path, gpus: int = 0, **res) -> Task:
+    from bench.store import SweepJobDir
+
+    return Task(key, SweepJobDir(tmp_path / key), [], None, (), Resources(**res), gpus)
+
+
+def test_slots_divide_the_cores_and_give_each_job_its_gpu(tmp_path):
+    pool = Pool(2, [], cores=[0, 1, 2, 3, 4])
+    a, b = pool.take(_task("a", tmp_path)), pool.take(_task("b", tmp_path))
+    assert [a.cores, b.cores] == [[0, 1], [2, 3]] and pool.take(_task("c", tmp_path)) is None
+    assert b.env({})["OMP_NUM_THREADS"] == "2"
+    assert a.env({"OMP_NUM_THREADS": "1"})["OMP_NUM_THREADS"] == "1"  # never more than asked
+    pool.give_back(a)
+    big = pool.take(_task("big", tmp_path, cpus=3))  # its resources ask for 3 cores: 3 are free now
+    assert big.cores == [0, 1, 4] and big.env({})["OMP_NUM_THREADS"] == "3"
+    three = Pool(3, [], cores=[0, 1])
+    assert [three.take(_task(k, tmp_path)).cores for k in "abc"] == [[0], [1], [0]]
+    gpu = Pool(2, ["0", "3"], cores=[0, 1, 2, 3])
+    one, two = gpu.take(_task("a", tmp_path, gpus=1)), gpu.take(_task("b", tmp_path, gpus=1))
+    assert [s.env({})["CUDA_VISIBLE_DEVICES"] for s in (one, two)] == ["0", "3"]
+    assert gpu.take(_task("c", tmp_path, gpus=1)) is None  # no GPU left (cores would be)
+    gpu.give_back(one)
+    assert gpu.take(_task("cpu-only", tmp_path, gpus=0)).env({})["CUDA_VISIBLE_DEVICES"] == ""  # sees no GPU
+    with pytest.raises(ConfigError, match="asks for 2 GPU"):
+        Pool(1, ["0"], cores=[0]).check(_task("two", tmp_path, gpus=2))
+    with pytest.raises(ConfigError, match="mem_gb=64 but this machine has 8.0 GB"):
+        Pool(1, [], cores=[0], mem_gb=8).check(_task("fat", tmp_path, mem_gb=64))
+    mem = Pool(2, [], cores=[0, 1], mem_gb=8)
+    assert mem.take(_task("a", tmp_path, mem_gb=5)) and mem.take(_task("b", tmp_path, mem_gb=5)) is None
 
 
 def test_local_parallel_runs_what_serial_runs(tmp_path, tiny_synth):
@@ -79,9 +102,13 @@ def test_local_parallel_runs_what_serial_runs(tmp_path, tiny_synth):
         assert rec["executor"] == "local" and rec["omp_num_threads"] == "1" and len(rec["cores"]) == 1
         cores.add(rec["cores"][0])
         assert st["executor"]["slot"].startswith("slot ") and st["model"] == "fake"
-    assert len(cores) == min(2, os.cpu_count())
+    cores.add(json.loads((par / "runs/retrain/seed0-pretrain0/executor.json").read_text())["cores"][0])
+    assert len(cores) == min(2, os.cpu_count())  # two jobs at once (the stage and half), one core each
+    # the pretrain stage was a job of its own, finished before its fine-tune started
     stage = json.loads((par / "runs/retrain/seed0-pretrain0/executor.json").read_text())
-    assert stage["pid"] == json.loads((par / "runs/retrain/seed0/executor.json").read_text())["pid"]  # one job
+    fine = json.loads((par / "runs/retrain/seed0/executor.json").read_text())
+    assert stage["pid"] != fine["pid"] and stage["started"] <= fine["started"]
+    assert (par / "jobs/retrain/seed0-pretrain0/log.txt").read_text().count("pretrain stage 0") >= 1
     assert (par / "jobs/half/seed0/log.txt").read_text().count("job half/seed0") == 1
     fits = int((counter / "fit.count").read_text())
     assert fits == 3

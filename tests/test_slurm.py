@@ -192,3 +192,92 @@ def test_resume_watches_a_job_still_queued_instead_of_submitting_it_again(tmp_pa
     attempts = json.loads((out / "runs/base/seed0/executor.json").read_text())["attempts"]
     assert [a["slurm_job_id"] for a in attempts] == [job]
     assert int((counter / "fit.count").read_text()) == 1
+
+
+def test_pretrain_stages_are_dependent_slurm_jobs(tmp_path, tiny_synth):
+    """Each pretrain stage is a SLURM job of its own and the fine-tune is submitted with
+    ``--dependency=afterok:<stage's job>``; a fine-tune whose stage failed is cancelled and reported
+    failed naming the stage; ``--resume`` redoes neither a finished stage nor a finished fine-tune."""
+    dirs = {k: tmp_path / k for k in ("stage", "fine", "bad", "badfine")}
+    for d in dirs.values():
+        d.mkdir()
+    cfg = sweep_file(tmp_path, {
+        "retrain": {"options": {"counter_dir": str(dirs["fine"])},
+                    "pretrain": [{"data": "split:train+val", "options": {"counter_dir": str(dirs["stage"])}}]},
+        "broken": {"options": {"counter_dir": str(dirs["badfine"])},
+                   "pretrain": [{"data": "split:train+val", "options": {"mode": "crash_fit",
+                                                                        "counter_dir": str(dirs["bad"])}}]}},
+        seeds=[0], base_options={"iterations": 2})
+    out = tmp_path / "sw"
+    spec = ExecutorSpec(name="slurm", slurm=SlurmOptions(probe=False))
+    t0 = time.perf_counter()
+    _, states = run_sweep(cfg, data=str(tiny_synth), out=out, results=tmp_path / "r", echo=lambda *_: None,
+                          executor=spec)
+    print(f"stage + fine-tune sweep on SLURM: {time.perf_counter() - t0:.1f} s")
+    manifest = json.loads((out / "sweep.json").read_text())
+    stage_id = manifest["stage_jobs"]["retrain/seed0/pretrain0"]["executor"]["slurm_job_id"]
+    fine_id = _job_id(out, "retrain/seed0")
+    assert stage_id and fine_id and stage_id != fine_id
+    script = next((out / "slurm").glob(f"{fine_id}_submission.sh")).read_text()
+    assert f"--dependency=afterok:{stage_id}" in script
+    assert states["retrain/seed0"]["state"] == "done"
+    assert json.loads((out / "runs/retrain/seed0-pretrain0/executor.json").read_text())["slurm_job_id"] == stage_id
+    assert json.loads((out / "runs/retrain/seed0/executor.json").read_text())["slurm_job_id"] == fine_id
+    assert states["broken/seed0"]["state"] == "failed"
+    assert "not run: broken seed 0 pretrain stage 0 did not finish" in states["broken/seed0"]["detail"]
+    assert not (dirs["badfine"] / "fit.count").exists()
+    _, states = run_sweep(cfg, out=out, resume=True, results=tmp_path / "r", echo=lambda *_: None, executor=spec,
+                          variants=["retrain"])
+    assert states["retrain/seed0"]["state"] == "done"
+    counts = {k: int((d / "fit.count").read_text()) for k, d in dirs.items() if (d / "fit.count").exists()}
+    assert counts == {"stage": 1, "fine": 1, "bad": 1}
+
+
+def test_bench_run_models_as_slurm_jobs(tmp_path, tiny_synth):
+    """``bench run --executor slurm``: each model a SLURM job on the run's own model folders."""
+    from bench.runner.run import run_benchmark
+
+    spec = ExecutorSpec(name="slurm", slurm=SlurmOptions(probe=False))
+    run, outcomes = run_benchmark(["fake", "fake:mode=drop_half"], str(tiny_synth), "smoke", "cpu", 0,
+                                  tmp_path / "run", results=tmp_path / "r", echo=lambda *_: None, executor=spec)
+    assert [o.state for o in outcomes] == ["done", "done"]
+    assert outcomes[0].metrics["kaggle_map"] > outcomes[1].metrics["kaggle_map"]  # the ground truth beats half of it
+    manifest = json.loads((run / "manifest.json").read_text())
+    ids = {k: v["executor"]["slurm_job_id"] for k, v in manifest["models_state"].items()}
+    assert len(set(ids.values())) == 2
+    assert "2 done" in status_text(run)
+
+
+def test_bench_run_resume_watches_a_model_job_still_queued(tmp_path, tiny_synth):
+    """As for sweeps: the ``bench run`` that submitted dies; ``--resume`` watches the model's job
+    still in the queue instead of submitting it again (one job, one fit)."""
+    import os
+    import signal
+    import sys
+
+    from bench.runner.run import run_benchmark
+
+    counter = tmp_path / "count"
+    counter.mkdir()
+    model = f"fake:counter_dir={counter},fit_sleep=8"
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--models", model, "--data", str(tiny_synth),
+                             "--device", "cpu", "--out", str(out), "--executor", "slurm", "--slurm", "probe=false"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def job_id():
+        try:
+            states = json.loads((out / "manifest.json").read_text())["models_state"]
+            return next(iter(states.values()))["executor"]["slurm_job_id"]
+        except (OSError, KeyError, StopIteration, json.JSONDecodeError):
+            return None
+
+    job = _wait(job_id, 120, "bench run to submit its model's job")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _queue_state(job) in ("PENDING", "RUNNING")
+    _, outcomes = run_benchmark([model], None, "smoke", "cpu", 0, out, resume=True, results=tmp_path / "r",
+                                echo=lambda *_: None, executor=ExecutorSpec(name="slurm"))
+    assert [o.state for o in outcomes] == ["done"] and job_id() == job
+    assert int((counter / "fit.count").read_text()) == 1

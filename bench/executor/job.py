@@ -1,9 +1,10 @@
-"""One job of a sweep's executor: one variant x seed (its pretrain stages, then its own fit).
+"""One job of an executor: a sweep's variant x seed (its fine-tune), one pretrain stage of it, or one model of a run.
 
-Locally it runs as ``python -m bench.executor.job SWEEP VARIANT SEED`` (a process of its own, so
-its environment, GPU and cores are its own); on SLURM submitit calls :class:`SweepJob` on the
-node. Both run :func:`run_job`: the same code as ``bench sweep --jobs 1`` (``bench.sweep._run_one``
-on the run folders of ``bench.store``), so results cannot depend on the executor. Everything the
+Locally it runs as ``python -m bench.executor.job SWEEP VARIANT SEED [STAGE]`` (a process of its
+own, so its environment, GPU and cores are its own); on SLURM submitit calls :class:`SweepJob` on
+the node. Both run :func:`run_job`: the same code as ``bench sweep --jobs 1`` (``bench.sweep._run_one``
+and ``run_stage`` on the run folders of ``bench.store``), so results cannot depend on the
+executor; a model of ``bench run`` runs ``bench.runner.run._run_model`` (:func:`run_model_job`). Everything the
 job needs is in ``SWEEP/sweep.json`` and the job's ``request.json``; what came of it goes to its
 ``state.json`` and, with where it ran, to each of its run folders' ``executor.json``.
 """
@@ -27,12 +28,6 @@ def write_request(sweep: SweepDir, variant: str, seed: int, request: dict[str, A
     jd = sweep.job(variant, seed).mkdir()
     jd.state.unlink(missing_ok=True)
     atomic_write_json(jd.request, {**request, "variant": variant, "seed": seed})
-
-
-def run_folders(sweep: SweepDir, cfg, variant: str, seed: int) -> list[RunDir]:
-    """The job's run folders: its pretrain stages in order, then its own."""
-    stages = [sweep.pretrain_run(variant, seed, j) for j in range(len(cfg.variants[variant].pretrain))]
-    return stages + [sweep.run(variant, seed)]
 
 
 def where_am_i(executor: str) -> dict[str, Any]:
@@ -74,26 +69,68 @@ def _record_attempt(run: RunDir, rec: dict[str, Any]) -> None:
     atomic_write_json(run.executor_record, {**rec, "attempts": attempts})
 
 
-def run_job(sweep_dir: str | Path, variant: str, seed: int, executor: str = "local") -> dict[str, Any]:
-    """Run one variant x seed of a sweep (resuming whatever of it is finished); returns its state."""
-    from bench.sweep import SweepConfig, _run_one
+def _load(sweep_dir: str | Path):
+    from bench.sweep import SweepConfig
 
     sweep = SweepDir(sweep_dir)
     manifest = sweep.read_manifest()
     if manifest is None:
         raise FileNotFoundError(f"{sweep.manifest_path}: no sweep here (is the folder visible from this node?)")
-    jd = sweep.job(variant, seed)
-    req = json.loads(jd.request.read_text())
-    cfg = SweepConfig(**manifest["config"])
-    rec = where_am_i(executor)
-    for run in run_folders(sweep, cfg, variant, seed):
-        _record_attempt(run, rec)
-    print(f"job {variant}/seed{seed} on {rec['host']} (pid {rec['pid']}, {rec.get('slurm_job_id') or 'local'}, "
+    return sweep, SweepConfig(**manifest["config"])
+
+
+def _start_note(what: str, rec: dict[str, Any]) -> None:
+    print(f"job {what} on {rec['host']} (pid {rec['pid']}, {rec.get('slurm_job_id') or 'local'}, "
           f"threads {rec['omp_num_threads']}, GPU {rec['cuda_visible_devices']})", flush=True)
-    state = _run_one(cfg, variant, seed, sweep.path, req["data"], req["base_preset"], req["preset"],
-                     req["device"], req["sets"], req["opts"], lambda m: print(m, flush=True), req["timeout_s"],
-                     Path(req["cache"]))
-    state["executor"] = {k: rec[k] for k in ("executor", "host", "slurm_job_id", "stdout", "stderr") if k in rec}
+
+
+def _where(rec: dict[str, Any]) -> dict[str, Any]:
+    return {k: rec[k] for k in ("executor", "host", "slurm_job_id", "stdout", "stderr") if k in rec}
+
+
+def run_job(sweep_dir: str | Path, variant: str, seed: int, executor: str = "local",
+            stage: int | None = None) -> dict[str, Any]:
+    """Run one variant x seed of a sweep (resuming whatever of it is finished); returns its state.
+
+    ``stage`` J: only its pretrain stage J (a job of its own, which the next stage or the
+    fine-tune waits for). None: the fine-tune, after its stages; stages already finished (by
+    their own jobs) are taken as they are, a stage left unfinished is run first."""
+    from bench.sweep import _run_one, run_stage
+
+    sweep, cfg = _load(sweep_dir)
+    jd = sweep.job(variant, seed) if stage is None else sweep.stage_job(variant, seed, stage)
+    req = json.loads(sweep.job(variant, seed).request.read_text())
+    rec = where_am_i(executor)
+    own = sweep.run(variant, seed) if stage is None else sweep.pretrain_run(variant, seed, stage)
+    _record_attempt(own, rec)
+    _start_note(f"{variant}/seed{seed}" + ("" if stage is None else f" pretrain stage {stage}"), rec)
+    args = (cfg, variant, seed, sweep.path, req["data"], req["base_preset"], req["preset"], req["device"],
+            req["sets"], req["opts"], lambda m: print(m, flush=True), req["timeout_s"], Path(req["cache"]))
+    if stage is None:
+        state = _run_one(*args, stages_done=True)
+    else:
+        state = run_stage(*args[:3], stage, *args[3:])
+    state["executor"] = _where(rec)
+    atomic_write_json(jd.state, state)
+    return state
+
+
+def run_model_job(run_dir: str | Path, label: str, executor: str = "local") -> dict[str, Any]:
+    """One model of ``bench run --jobs N`` / ``--executor slurm``: its worker, as ``bench run`` runs it
+    one after the other (``bench.runner.run._run_model`` on the same model folder)."""
+    from bench.runner.run import _run_model
+    from bench.store import DevicePlan
+
+    run = RunDir(run_dir)
+    jd = run.job(label)
+    req = json.loads(jd.request.read_text())
+    rec = where_am_i(executor)
+    _start_note(f"{label} of {run.path}", rec)
+    plan = DevicePlan.from_dict(req["plan"])
+    o = _run_model(run, req["spec"], req["config"], req["data"], plan, req["seed"], lambda m: print(m, flush=True),
+                   req["timeout_s"], req["train_on"])
+    state = {"key": label, "label": o.label, "state": o.state, "detail": o.detail, "device": o.device,
+             "executor": _where(rec)}
     atomic_write_json(jd.state, state)
     return state
 
@@ -103,8 +140,8 @@ class SweepJob:
     preemption signal submitit resubmits the same call, and :func:`run_job` continues the run
     folders (finished stages kept, an unfinished fit starts over)."""
 
-    def __call__(self, sweep_dir: str, variant: str, seed: int) -> dict[str, Any]:
-        return run_job(sweep_dir, variant, seed, executor="slurm")
+    def __call__(self, sweep_dir: str, variant: str, seed: int, stage: int | None = None) -> dict[str, Any]:
+        return run_job(sweep_dir, variant, seed, executor="slurm", stage=stage)
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         import submitit
@@ -112,21 +149,30 @@ class SweepJob:
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
-def probe(sweep_dir: str) -> dict[str, Any]:
-    """The probe job: can this node see the sweep folder (and so the data and split in it)?"""
-    p = Path(sweep_dir)
-    return {"host": platform.node(), "visible": (p / "sweep.json").is_file(), "python": sys.executable}
+class ModelJob(SweepJob):
+    """One model of ``bench run --executor slurm`` (requeueable as :class:`SweepJob`)."""
+
+    def __call__(self, run_dir: str, label: str) -> dict[str, Any]:  # type: ignore[override]
+        return run_model_job(run_dir, label, executor="slurm")
+
+
+def probe(marker: str) -> dict[str, Any]:
+    """The probe job: can this node see the sweep's (or run's) manifest, and so the folder?"""
+    return {"host": platform.node(), "visible": Path(marker).is_file(), "python": sys.executable}
 
 
 def main(argv: list[str]) -> int:
-    """``python -m bench.executor.job SWEEP VARIANT SEED``: the local executor's job process."""
+    """The local executor's job process: ``python -m bench.executor.job SWEEP VARIANT SEED [STAGE]``
+    (a sweep's job, or one pretrain stage of it) or ``... model RUN LABEL`` (a model of a run)."""
     from bench.runner.run import RunInterrupted
     from bench.runner.worker import _exit_with_parent
 
     _exit_with_parent()  # the sweep's process killed outright: the job stops with it
-    sweep_dir, variant, seed = argv[0], argv[1], int(argv[2])
     try:
-        state = run_job(sweep_dir, variant, seed)
+        if argv[0] == "model":
+            state = run_model_job(argv[1], argv[2])
+        else:
+            state = run_job(argv[0], argv[1], int(argv[2]), stage=int(argv[3]) if len(argv) > 3 else None)
     except RunInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr, flush=True)
         return 130

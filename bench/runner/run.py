@@ -116,7 +116,7 @@ def run_benchmark(models: list[str], data: str | None = None, preset: str = "smo
                   results: Path = RESULTS, config_root: Path | None = None, echo=print,
                   timeout_s: float | None = None, overrides: dict[str, dict] | None = None,
                   split_file: Path | None = None, train_on: str = "train",
-                  skip_bad: bool = False) -> tuple[Path, list[ModelOutcome]]:
+                  skip_bad: bool = False, executor=None) -> tuple[Path, list[ModelOutcome]]:
     """Fit, predict and score every model; returns the run folder and one outcome per model.
 
     For sweeps: ``overrides`` (spec -> config values, merged over the spec's own options; lists
@@ -129,7 +129,9 @@ def run_benchmark(models: list[str], data: str | None = None, preset: str = "smo
     each model runs is planned here, before anything is spawned (:mod:`bench.runner.devices`).
     ``resume`` continues ``out`` (or the latest run), which must hold a run. ``skip_bad`` drops
     the split's images that cannot be read (missing, corrupt, wrongly sized) instead of refusing
-    the run, and lists them in the manifest (``skipped_images``) and in split.json.
+    the run, and lists them in the manifest (``skipped_images``) and in split.json. ``executor``
+    (a :class:`bench.executor.ExecutorSpec`): None or ``--jobs 1`` runs the models one after the
+    other here; else each model is a job of :mod:`bench.executor.runs` (N at once, or SLURM).
     """
     if train_on not in ("train", "train+val"):
         raise ValueError(f"train_on must be 'train' or 'train+val', got {train_on!r}")
@@ -177,7 +179,7 @@ def run_benchmark(models: list[str], data: str | None = None, preset: str = "smo
             if manifest.device != device:
                 echo(f"note: the run was started on {manifest.device}, resumed on {device}")
             return run.path, _run_models(run, manifest, specs, configs, plans, data_path, split, device, seed,
-                                         echo, timeout_s)
+                                         echo, timeout_s, executor)
 
     data_path = str(Path(data).resolve()) if data else str(builtin_dataset(preset, results / "cache").resolve())
     reader_bad: list[tuple[str, str]] = []  # ids a reader left out (--skip-bad: a DSB id with a bad mask)
@@ -215,7 +217,7 @@ def run_benchmark(models: list[str], data: str | None = None, preset: str = "smo
             extra={**split_note(split), **({"skipped_images": skipped} if skip_bad else {})})
         run.write_manifest(manifest)
         return run.path, _run_models(run, manifest, specs, configs, plans, data_path, split, device, seed, echo,
-                                     timeout_s)
+                                     timeout_s, executor)
 
 
 def _as_now(spec: str, config: dict) -> dict:
@@ -231,8 +233,9 @@ def _as_now(spec: str, config: dict) -> dict:
 
 
 def _run_models(run: RunDir, manifest: Manifest, specs: list[str], configs: dict, plans: dict[str, DevicePlan],
-                data_path: str, split: dict, device: str, seed: int, echo, timeout_s) -> list[ModelOutcome]:
-    """The models of a run, one worker each, under the run's lock."""
+                data_path: str, split: dict, device: str, seed: int, echo, timeout_s,
+                executor=None) -> list[ModelOutcome]:
+    """The models of a run, one worker each, under the run's lock (N at once: bench.executor.runs)."""
     for spec in specs:  # resumed runs may add models, never change one
         if spec not in manifest.models:
             manifest.models.append(spec)
@@ -255,6 +258,11 @@ def _run_models(run: RunDir, manifest: Manifest, specs: list[str], configs: dict
         if not env.ready():  # said before the first model trains; the model is then skipped as not installed
             echo(f"[{model_label(spec)}] {env.missing_hint()}")
     outcomes = []
+    if executor is not None and not executor.serial:
+        from bench.executor.runs import run_model_jobs
+
+        outcomes = run_model_jobs(executor, run, manifest, specs, plans, data_path, seed, echo, timeout_s)
+        specs = []
     for spec in specs:
         try:
             outcome = _run_model(run, spec, manifest.configs[spec], data_path, plans[spec], seed, echo, timeout_s,

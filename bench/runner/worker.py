@@ -91,6 +91,8 @@ def main(model_dir: Path) -> int:
     from bench.data.predictions import read_predictions, write_predictions
     from bench.data.split import read_split
     from bench.metrics.evaluator import evaluate_predictions
+    from bench.tiling import predictor as tiled_predictor
+    from bench.raw import begin_capture, end_capture, take_maps, write_raw_maps
     from bench.tta import TTAPredictor, write_raw_outputs
 
     md = ModelDir(model_dir)
@@ -133,10 +135,10 @@ def main(model_dir: Path) -> int:
         md.write_fit_done(FitDone(skipped=True, peak_rss_mb=_rss_mb(), device=device))
     else:
         md.write_status(Status(state="running", stage="fit", device=device))
-        log_path = md.train_log
-        log_path.unlink(missing_ok=True)  # an unfinished fit starts over: its log does too
-        curve_path = md.val_curve
-        curve_path.unlink(missing_ok=True)
+        log_path, curve_path = md.train_log, md.val_curve
+        if not md.resume.is_dir():  # an unfinished fit starts over: its log does too
+            log_path.unlink(missing_ok=True)
+            curve_path.unlink(missing_ok=True)
         bar = Progress(f"{job.label} train")
         steps = {"n": 0}
 
@@ -148,7 +150,8 @@ def main(model_dir: Path) -> int:
         ctx = FitContext(md.work, device, job.seed, progress,
                          lambda rec: append_jsonl(log_path, {**rec, "t": time.time()}),
                          val=list(val), eval_every=int(getattr(cfg, "eval_every", 0) or 0),
-                         log_val=lambda rec: append_jsonl(curve_path, {**rec, "t": time.time()}))
+                         log_val=lambda rec: append_jsonl(curve_path, {**rec, "t": time.time()}),
+                         resume_dir=md.resume, on_begin=lambda k: _trim_logs(md, k))
         ctx.workdir.mkdir(parents=True, exist_ok=True)
         seed_everything(job.seed)  # every model, trained or not (the trainable base seeds again: harmless)
         t0 = time.perf_counter()
@@ -156,11 +159,14 @@ def main(model_dir: Path) -> int:
         train_s = time.perf_counter() - t0 - ctx.validation_seconds
         bar.close()
         _save_checkpoint(adapter, md)
+        train_s += ctx.seconds_before  # a resumed fit: its interrupted attempts' training too
         md.write_fit_done(FitDone(
             train_seconds=train_s, validation_curve_seconds=ctx.validation_seconds,
             iterations=steps.get("total", steps["n"]),
             seconds_per_iteration=train_s / max(steps.get("total", steps["n"]) or 1, 1),
-            peak_rss_mb=_rss_mb(), cuda_peak_mb=_cuda_peak_mb(device), device=device))
+            peak_rss_mb=_rss_mb(), cuda_peak_mb=_cuda_peak_mb(device), device=device,
+            extra={"resumed_from_iteration": ctx.resumed_from} if ctx.resumed_from else {}))
+        _rmtree(md.resume)  # the finished fit's checkpoint supersedes its mid-training ones
 
     # ---- predict --------------------------------------------------------------------
     pred_path = md.predictions
@@ -174,8 +180,11 @@ def main(model_dir: Path) -> int:
             s._image = s.image
         io_s = time.perf_counter() - t_io
         warmup = min(job.warmup, len(samples))
-        predictor = TTAPredictor(adapter.predict, getattr(cfg, "tta", "none"),  # plain predict unless tta
-                                 resolve_overlaps=not job.resolve_overlaps)
+        floor = getattr(cfg, "raw_floor", None)  # bench/raw.py: the cache keeps down to it, published as before
+        predictor = TTAPredictor(tiled_predictor(adapter), getattr(cfg, "tta", "none"),  # plain predict unless tta/tiles
+                                 resolve_overlaps=not job.resolve_overlaps, threshold=adapter.score_threshold(),
+                                 take_maps=lambda: take_maps(adapter))
+        begin_capture(adapter, floor)
         for s in samples[:warmup]:
             predictor(s, record=False)
         _sync(device)
@@ -192,22 +201,26 @@ def main(model_dir: Path) -> int:
         for start in range(0, len(samples), batch):
             chunk = samples[start:start + batch]
             t0 = time.perf_counter()
-            outs = [predictor(s) for s in chunk] if predictor.active else adapter.predict(chunk)
+            outs = predictor.batch(chunk)
             _sync(device)
             times += [(time.perf_counter() - t0) / len(chunk)] * len(chunk)
             preds.update({s.image_id: out for s, out in zip(chunk, outs)})
             bar(start + len(chunk), len(samples))
         bar.close()
+        end_capture(adapter)
         write_predictions(pred_path, preds, dataset.classes, {"model": job.spec, "split": split["hash"]})
-        if predictor.active:  # every pass, inverted, before merging: other merges need no inference
-            write_raw_outputs(md.raw_outputs, predictor.raw, dataset.classes, {"model": job.spec, "split": split["hash"]})
+        # every pass (inverted, before merging) down to the raw floor: post-processing needs no inference
+        write_raw_outputs(md.raw_outputs, predictor.raw, dataset.classes,
+                          {"model": job.spec, "split": split["hash"], **predictor.raw_header(floor, pred_path)})
+        raw_map_bytes = write_raw_maps(md, predictor.maps, {"model": job.spec})
         md.write_predict_done(PredictDone(
             images=len(samples), warmup_images=warmup,
             infer_ms_per_image=1000 * float(np.mean(times)) if times else None,
             infer_ms_per_image_median=1000 * float(np.median(times)) if times else None,
             io_ms_per_image=1000 * io_s / max(len(samples), 1),
             peak_rss_mb=_rss_mb(), cuda_peak_mb=_cuda_peak_mb(device), device=device,
-            extra={"predict_batch_size": batch, **predictor.timing()}))
+            extra={"predict_batch_size": batch, **predictor.timing(),
+                   **({"raw_map_bytes_per_image": raw_map_bytes} if raw_map_bytes else {})}))
 
     # ---- evaluate ----------------------------------------------------------------------
     if not md.has_metrics():
@@ -255,6 +268,31 @@ def _save_checkpoint(adapter, md: ModelDir) -> None:
         raise OSError(e.errno, f"writing the checkpoint {tmp} failed: {e.strerror or e}") from None
     _rmtree(md.checkpoint)
     os.replace(tmp, md.checkpoint)
+
+
+def _trim_logs(md: ModelDir, iteration: int) -> None:
+    """A fit (re)starts at ``iteration``: its logs keep the records up to it (0: none), so a resumed
+    fit's log reads as one fit's."""
+    from bench.util import atomic_write_text
+
+    for path in (md.train_log, md.val_curve):
+        if not path.is_file():
+            continue
+        kept = [line for line in path.read_text().splitlines() if iteration and _step(line) <= iteration]
+        if kept:
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+        else:
+            path.unlink()
+
+
+def _step(line: str) -> float:
+    """The step of one log line; a line cut short by a kill counts as past every checkpoint."""
+    import json
+
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return float("inf")
 
 
 def _rmtree(p: Path) -> None:
