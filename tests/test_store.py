@@ -63,6 +63,12 @@ def _committed_runs() -> list[Path]:
                   if (p.parent / "models").is_dir())
 
 
+def _named_paths(md) -> set[Path]:
+    """Every path the store names in a model folder (its Path-valued properties)."""
+    props = [n for n, v in vars(type(md)).items() if isinstance(v, property)]
+    return {p for p in (getattr(md, n) for n in props) if isinstance(p, Path)}
+
+
 def test_run_folders_an_earlier_cellbench_wrote_read_through_the_store():
     """The committed run folders under results/ (written by earlier versions): every file in them is
     one the store names, and every record reads back."""
@@ -75,8 +81,7 @@ def test_run_folders_an_earlier_cellbench_wrote_read_through_the_store():
                                                                               run.models_dir, run.lock_path}
         assert run.models(), path
         for md in run.models():
-            named = {md.config, md.job, md.status, md.log, md.train_log, md.val_curve, md.work, md.checkpoint,
-                     md.checkpoint_tmp, md.predictions, md.fit_done, md.predict_done, md.metrics, md.tuning}
+            named = _named_paths(md)
             assert set(md.path.iterdir()) <= named, (md, set(md.path.iterdir()) - named)
             assert md.run.path == path and md.read_job().spec and md.read_status().state
             assert md.read_config() is not None
