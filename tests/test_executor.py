@@ -117,7 +117,8 @@ def test_local_parallel_runs_what_serial_runs(tmp_path, tiny_synth):
               executor=ExecutorSpec(jobs=2))
     assert int((counter / "fit.count").read_text()) == fits
     text = status_text(par)
-    assert text.count(" done ") == 2 and "2 done" in text
+    assert text.count(" done ") == 3 and "3 done" in text  # the two runs and the stage's own job
+    assert any(line.startswith("retrain/seed0/pretrain0 ") and " done " in line for line in text.splitlines())
     run_text = status_text(par / "runs/half/seed0")  # a run folder: one row per model
     assert "fake" in run_text and "Kaggle mAP 0.6667" in run_text and "1 done" in run_text
 

@@ -198,7 +198,16 @@ def test_a_fine_tune_waits_for_its_stage_and_is_not_run_when_it_failed(tmp_path,
     assert rec0["pid"] != rec1["pid"] and rec0["started"] <= rec1["started"]
     from bench.executor.status import status_text
 
-    assert "not run: two seed 0 pretrain stage 1" in status_text(out)
+    text = status_text(out)
+    assert "not run: two seed 0 pretrain stage 1" in text
+    # every stage job has a row of its own: done, or failed saying why, with the last lines of its log
+    assert _row(text, "two/seed0/pretrain0").split()[1] == "done"
+    killed = _row(text, "two/seed0/pretrain1")
+    assert killed.split()[1] == "failed" and "killed by signal 9" in killed
+    assert text.split(killed, 1)[1].startswith("\n    | ")
+    crashed = _row(text, "broken/seed0/pretrain0")
+    assert crashed.split()[1] == "failed" and "fake crash in fit" in crashed
+    assert "1 done, 4 failed" in text  # two stages and two fine-tunes failed
     # --resume: the finished stage 0 is not redone; stage 1 and the fine-tune run
     _, states = run_sweep(cfg, out=out, resume=True, results=tmp_path / "r", echo=lambda *_: None,
                           executor=ExecutorSpec(jobs=2), variants=["two"])
@@ -226,3 +235,40 @@ variants:
     started = (out / "runs/ens/seed0/executor.json").stat().st_mtime
     for m in ("base", "otsu-low"):
         assert next((out / "runs" / m / "seed0").glob("models/*/metrics.json")).stat().st_mtime <= started
+
+
+def _row(text: str, key: str) -> str:
+    """The line of ``bench status`` for the job ``key``."""
+    return next(line for line in text.splitlines() if line.split(" ", 1)[0] == key)
+
+
+def test_status_shows_a_running_stage_job_and_its_waiting_fine_tune(tmp_path, tiny_synth, fake_plugin):
+    """While a pretrain stage's job trains, ``bench status`` shows it running in a row of its own and
+    the fine-tune pending, waiting for it; afterwards both done."""
+    import threading
+    import time
+
+    from bench.executor.status import status_text
+
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    cfg = sweep_file(tmp_path, {"retrain": {"pretrain": [{"data": "split:train+val", "options": {
+        "counter_dir": str(stage), "fit_sleep": 6}}]}}, seeds=[0], base_options={"iterations": 2})
+    out, result = tmp_path / "sw", {}
+    th = threading.Thread(target=lambda: result.update(states=run_sweep(
+        cfg, data=str(tiny_synth), out=out, results=tmp_path / "r", echo=lambda *_: None,
+        executor=ExecutorSpec(jobs=2))[1]))
+    th.start()
+    end = time.monotonic() + 120
+    while not (stage / "fit.started").is_file() and time.monotonic() < end:
+        time.sleep(0.2)
+    text = status_text(out)
+    th.join(180)
+    assert (stage / "fit.started").is_file() and not th.is_alive()
+    running = _row(text, "retrain/seed0/pretrain0")
+    assert running.split()[1] == "running" and "fit" in running, text
+    waiting = _row(text, "retrain/seed0")
+    assert waiting.split()[1] == "pending" and "waits for pretrain stage 0" in waiting, text
+    assert result["states"]["retrain/seed0"]["state"] == "done"
+    text = status_text(out)
+    assert [_row(text, k).split()[1] for k in ("retrain/seed0/pretrain0", "retrain/seed0")] == ["done", "done"]

@@ -97,15 +97,31 @@ def test_same_masks_whatever_executor_ran_them(tmp_path, tiny_synth):
     assert rec["executor"] == "slurm" and "_" in rec["slurm_job_id"] and Path(rec["stdout"]).is_file()
 
 
+def _checkpointed(out: Path, variant: str):
+    """The ModelDir of the variant's fit once it holds a mid-training checkpoint (``ModelDir.resume``)."""
+    from adapters.trainable import RESUME_STATE
+    from bench.store import RunDir
+
+    run = RunDir(out / "runs" / variant / "seed0")
+    if not run.exists():
+        return None
+    md = run.model_for(run.read_manifest().models[0])
+    return md if (md.resume / RESUME_STATE).is_file() else None
+
+
 def test_cancelled_job_is_resumed_and_a_requeued_one_continues(tmp_path, tiny_synth):
-    """scancel one job while it trains, signal another as SLURM does before a time limit: the
-    second is requeued by submitit and finishes; ``--resume`` then submits only the cancelled one,
-    and nothing finished runs again."""
-    dirs = {v: tmp_path / f"count-{v}" for v in ("base", "cancelled", "requeued")}
+    """scancel one job (a torchvision Mask R-CNN with ``checkpoint_every``) while it trains, after its
+    first checkpoint; signal another as SLURM does before a time limit: the second is requeued by
+    submitit and finishes; ``--resume`` then submits only the cancelled one, whose fit continues from
+    its checkpoint, and nothing finished runs again."""
+    dirs = {v: tmp_path / f"count-{v}" for v in ("base", "requeued")}
     for d in dirs.values():
         d.mkdir()
+    tv = {"iterations": 30, "checkpoint_every": 2, "batch_size": 1, "min_size": 128, "max_size": 128,
+          "log_every": 1, "warmup_iters": 1, "lr_steps": [20], "box_score_thresh": 0.0, "detections_per_image": 30,
+          "rpn_post_nms_top_n_test": 60, "rpn_pre_nms_top_n_test": 120, "fpn_channels": 32}
     cfg = sweep_file(tmp_path, {"base": {"options": {"counter_dir": str(dirs["base"])}},
-                                "cancelled": {"options": {"counter_dir": str(dirs["cancelled"]), "fit_sleep": 12}},
+                                "cancelled": {"model": "maskrcnn-tv", "options": tv},
                                 "requeued": {"options": {"counter_dir": str(dirs["requeued"]), "fit_sleep": 10}}},
                      seeds=[0])
     out = tmp_path / "sw"
@@ -123,13 +139,21 @@ def test_cancelled_job_is_resumed_and_a_requeued_one_continues(tmp_path, tiny_sy
     th = threading.Thread(target=sweep)
     th.start()
     # both slow jobs in fit (two CPUs: the base job first, then one of them)
-    _wait(lambda: (dirs["cancelled"] / "fit.started").is_file(), 240, "the job to cancel to train")
-    cancelled = _job_id(out, "cancelled/seed0")
-    assert "running" in status_text(out) and cancelled in status_text(out)
-    subprocess.run(["scancel", cancelled], check=True)
-    _wait(lambda: (dirs["requeued"] / "fit.started").is_file(), 240, "the job to requeue to train")
-    requeued = _job_id(out, "requeued/seed0")
-    subprocess.run(["scancel", "--signal=USR2", requeued], check=True)  # what SLURM sends before the limit
+    # both jobs train at once (two CPUs), in whichever order: the cancel lands after the first
+    # checkpoint (the test waits for the checkpoint folder), the signal while the other one sleeps in fit
+    md = cancelled = requeued = None
+    end = time.monotonic() + 300
+    while (cancelled is None or requeued is None) and time.monotonic() < end:
+        if cancelled is None and (md := _checkpointed(out, "cancelled")) is not None:
+            cancelled = _job_id(out, "cancelled/seed0")
+            subprocess.run(["scancel", cancelled], check=True)
+        if requeued is None and (dirs["requeued"] / "fit.started").is_file():
+            requeued = _job_id(out, "requeued/seed0")
+            assert "running" in status_text(out) and requeued in status_text(out)
+            subprocess.run(["scancel", "--signal=USR2", requeued], check=True)  # what SLURM sends before the limit
+        time.sleep(0.3)
+    assert cancelled and requeued, "timed out after 300 s waiting for a checkpoint of the job to cancel " \
+                                   "and the job to requeue to train"
     _wait(lambda: _queue_state(requeued) == "PENDING", 60, "submitit to requeue the job")
     # a requeued job waits ~2 min before it may start again; the test lets it start now
     subprocess.run(["scontrol", "update", f"JobId={requeued}", "StartTime=now"], check=True)
@@ -153,7 +177,14 @@ def test_cancelled_job_is_resumed_and_a_requeued_one_continues(tmp_path, tiny_sy
     assert {k: s["state"] for k, s in states.items()} == dict.fromkeys(states, "done")
     assert _job_id(out, "cancelled/seed0") != cancelled and _job_id(out, "base/seed0") != cancelled
     counts = {v: int((d / "fit.count").read_text()) for v, d in dirs.items()}
-    assert counts == {"base": 1, "cancelled": 2, "requeued": 2}  # only the cancelled one ran again
+    assert counts == {"base": 1, "requeued": 2}  # the finished ones did not run again
+    # the cancelled fit continued from its checkpoint instead of starting over
+    done = json.loads(md.fit_done.read_text())
+    k = done.get("resumed_from_iteration", 0)
+    assert 0 < k < tv["iterations"] and k % tv["checkpoint_every"] == 0, done
+    print(f"the cancelled fit resumed from iteration {k} of {tv['iterations']}")
+    assert f"resuming the fit from its checkpoint at iteration {k}" in md.log.read_text()
+    assert done["iterations"] == tv["iterations"] and not md.resume.exists()
 
 
 def test_an_option_the_cluster_rejects_shows_sbatchs_error(tmp_path, tiny_synth):
@@ -226,6 +257,9 @@ def test_pretrain_stages_are_dependent_slurm_jobs(tmp_path, tiny_synth):
     assert states["broken/seed0"]["state"] == "failed"
     assert "not run: broken seed 0 pretrain stage 0 did not finish" in states["broken/seed0"]["detail"]
     assert not (dirs["badfine"] / "fit.count").exists()
+    rows = {line.split(" ", 1)[0]: line.split() for line in status_text(out).splitlines()}
+    assert rows["retrain/seed0/pretrain0"][1:3] == ["done", stage_id]  # the stage's job: a row with its id
+    assert rows["broken/seed0/pretrain0"][1] == "failed" and rows["broken/seed0"][1] == "failed"
     _, states = run_sweep(cfg, out=out, resume=True, results=tmp_path / "r", echo=lambda *_: None, executor=spec,
                           variants=["retrain"])
     assert states["retrain/seed0"]["state"] == "done"

@@ -1,4 +1,5 @@
-"""``bench status SWEEP_OR_RUN``: every job (a sweep's variant x seed, a run's model) and its state.
+"""``bench status SWEEP_OR_RUN``: every job (a sweep's variant x seed, each of its pretrain stages, a run's
+model) and its state.
 
 States: ``pending`` (not started, or queued on SLURM), ``running`` (a live process holds its run
 folder, or SLURM runs it: with the job id), ``done``, ``failed`` (with why and the last lines of its
@@ -86,59 +87,62 @@ def run_rows(run: RunDir) -> list[Row]:
 
 
 def sweep_rows(sweep: SweepDir) -> list[Row]:
-    """One row per variant x seed of the sweep, from its runs, its state and (SLURM) the queue."""
+    """One row per job of the sweep: each pretrain stage of a variant x seed (``v/seed<k>/pretrain<j>``),
+    then its fine-tune (``v/seed<k>``), from their run folders, the sweep's state and (SLURM) the queue."""
     from bench.executor.slurm import queue
 
     manifest = sweep.read_manifest() or {}
-    runs = manifest.get("runs", {})
+    runs, stage_jobs = manifest.get("runs", {}), manifest.get("stage_jobs", {})
     q = None
-    if any(r.get("executor", {}).get("executor") == "slurm" for r in runs.values()):
+    if any(r.get("executor", {}).get("executor") == "slurm" for r in [*runs.values(), *stage_jobs.values()]):
         q = queue()
     rows = []
     n_stages = {v: len(d.get("pretrain", [])) for v, d in manifest.get("config", {}).get("variants", {}).items()}
     for v in manifest.get("variants_run", []):
         for s in manifest.get("seeds", []):
-            rows.append(_sweep_row(sweep, v, s, runs.get(f"{v}/seed{s}", {}), q, n_stages.get(v, 0)))
+            stage_rows = [_job_row(f"{v}/seed{s}/pretrain{j}", sweep.pretrain_run(v, s, j), sweep.stage_job(v, s, j),
+                                   stage_jobs.get(f"{v}/seed{s}/pretrain{j}", {}), q) for j in range(n_stages.get(v, 0))]
+            waits = next((f"waits for pretrain stage {j}" for j, r in enumerate(stage_rows) if r.state != "done"), "")
+            rows += stage_rows
+            rows.append(_job_row(f"{v}/seed{s}", sweep.run(v, s), sweep.job(v, s), runs.get(f"{v}/seed{s}", {}), q,
+                                 waits))
     return rows
 
 
-def _sweep_row(sweep: SweepDir, v: str, s: int, info: dict, q: dict | None, n_stages: int) -> Row:
-    key = f"{v}/seed{s}"
+def _job_row(key: str, run: RunDir, job, info: dict, q: dict | None, waits: str = "") -> Row:
+    """A job's row: ``run`` its run folder, ``job`` its job folder (its log), ``info`` its entry in the
+    sweep's state; ``waits``: what it waits for (an unfinished pretrain stage), shown while pending."""
     ex = info.get("executor", {}) or {}
     jid = ex.get("slurm_job_id", "")
-    folders = [sweep.pretrain_run(v, s, j) for j in range(n_stages)] + [sweep.run(v, s)]
-    if run_done(folders[-1]):
-        rows = run_rows(folders[-1])
+    if run_done(run):
+        rows = run_rows(run)
         return Row(key, "done", jid, "; ".join(f"{r.key} {r.detail}" for r in rows))
     if jid and q is not None and jid in q:
         state, reason = q[jid]
         return Row(key, "running" if state in ("RUNNING", "COMPLETING") else "pending", jid,
                    f"SLURM {state}" + (f" ({reason})" if reason not in ("None", "") else ""))
-    for j, run in enumerate(folders):
-        if run.exists() and lock_live(run.lock()):
-            where = f"pretrain stage {j}" if j < len(folders) - 1 else "its own fit"
-            stage = next((r.detail for r in run_rows(run) if r.state == "running"), "")
-            return Row(key, "running", jid, f"{where}, {stage}".rstrip(", "))
+    if run.exists() and lock_live(run.lock()):
+        stage = next((r.detail for r in run_rows(run) if r.state == "running"), "")
+        return Row(key, "running", jid, stage)
     state = info.get("state")
     gone = bool(jid) and q is not None  # its SLURM job has left the queue (checked above)
-    if state in (None, "pending", "running") and not gone and not any(r.exists() for r in folders):
-        return Row(key, "pending", jid, "not started" if state is None else f"{state} when last seen")
-    # unfinished and nobody runs it: why, from the sweep's state, else from its runs
+    if state in (None, "pending", "running") and not gone and not run.exists():
+        why = "not started" if state is None else f"{state} when last seen"
+        return Row(key, "pending", jid, f"{why}, {waits}" if waits else why)
+    # unfinished and nobody runs it: why, from the sweep's state, else from its run
     detail = str(info.get("detail", "") or "")
-    log = ""
-    for run in reversed(folders):
-        if run.exists():
-            bad = [r for r in run_rows(run) if r.state != "done"]
-            if bad:
-                detail = detail or f"{bad[0].key}: {bad[0].state}, {bad[0].detail}"
-                log = bad[0].log
-                break
+    log, bad = "", []
+    if run.exists():
+        bad = [r for r in run_rows(run) if r.state != "done"]
+        if bad:
+            detail = detail or f"{bad[0].key}: {bad[0].state}, {bad[0].detail}"
+            log = bad[0].log
     if ex.get("stdout"):  # SLURM: what the job itself said comes after the model's log
         log = "\n".join(t for t in (tail_of(log, 4), tail(Path(ex["stdout"]), 4), tail(Path(ex["stderr"]), 3)) if t)
     elif len(log.splitlines()) < 3:  # the model's log says little (killed early): the job's own log
-        log = tail(sweep.job(v, s).log)
-    if state in (None, "pending", "running"):
-        state = "stopped"
+        log = tail(job.log)
+    if state in (None, "pending", "running"):  # no job said how it ended (--jobs 1): its run's model may
+        state = bad[0].state if bad and bad[0].state == "failed" else "stopped"
     if ex.get("slurm_state") and ex["slurm_state"] not in ("COMPLETED", "None"):
         detail = f"SLURM {ex['slurm_state']}: {detail}"
     return Row(key, state, jid, detail.splitlines()[0] if detail else "", log)
