@@ -46,3 +46,37 @@ def tiny_synth(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "tiny"
     generate(out, n_images=12, size=(128, 128), seed=0)
     return out
+
+
+
+@pytest.fixture
+def run_in_model_env():
+    """``run(model, module, test_file, test_name)``: run one test in the interpreter of ``model``'s own
+    environment (bench/envs.py), for frameworks that cannot share the main venv (StarDist's
+    TensorFlow). Skips where ``module`` imports here (the test then ran in-process) or the
+    environment is not set up."""
+    import importlib.util
+    import subprocess
+
+    from bench import envs
+    from bench.adapters.registry import get
+
+    def run(model: str, module: str, test_file: str, test_name: str) -> None:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # a dotted name whose parent package is absent
+            found = False
+        if found:
+            pytest.skip(f"{module} is importable here: {test_name} ran in-process")
+        cls = get(model)
+        env = envs.of(cls)
+        if not env.ready():
+            pytest.skip(env.missing_hint())
+        here = Path(test_file).resolve()
+        r = subprocess.run([str(env.python()), "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here),
+                            "-k", test_name], cwd=here.parent.parent,
+                           env=envs.worker_env(cls, dict(os.environ)), capture_output=True, text=True,
+                           timeout=900)
+        assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+
+    return run

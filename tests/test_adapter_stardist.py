@@ -8,8 +8,6 @@ directly when this interpreter has StarDist, else re-run in that environment's i
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -159,19 +157,6 @@ def test_train_predict_save_load_roundtrip(tiny_synth, tmp_path):
     assert len(again.predict(val[:1])) == 1
 
 
-def test_roundtrip_in_its_own_environment():
+def test_roundtrip_in_its_own_environment(run_in_model_env):
     """Where this interpreter has no StarDist, the framework test runs in StarDist's environment."""
-    try:
-        import stardist.models  # noqa: F401
-        pytest.skip("StarDist is importable here: test_train_predict_save_load_roundtrip ran in-process")
-    except ImportError:
-        pass
-    env = envs.of(get("stardist"))
-    if not env.ready():
-        pytest.skip(env.missing_hint())
-    here = Path(__file__).resolve()
-    r = subprocess.run([str(env.python()), "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here),
-                        "-k", "test_train_predict_save_load_roundtrip"], cwd=here.parent.parent,
-                       env=envs.worker_env(get("stardist"), dict(os.environ)), capture_output=True, text=True,
-                       timeout=900)
-    assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+    run_in_model_env("stardist", "stardist.models", __file__, "test_train_predict_save_load_roundtrip")

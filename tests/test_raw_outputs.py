@@ -5,7 +5,6 @@ takes scale TTA when it keeps each image's own size."""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -209,25 +208,6 @@ def test_stardist_raw_instances_and_probability_map(tiny_synth, tmp_path):
     assert sum(len(r) for r in raw) > sum(len(p) for p in plain)
 
 
-def test_stardist_raw_in_its_own_environment():
+def test_stardist_raw_in_its_own_environment(run_in_model_env):
     """Where this interpreter has no StarDist, the test above runs in StarDist's environment."""
-    import subprocess
-    from pathlib import Path
-
-    from bench import envs
-    from bench.adapters.registry import get
-
-    try:
-        import stardist.models  # noqa: F401
-        pytest.skip("StarDist is importable here: the test above ran in-process")
-    except ImportError:
-        pass
-    env = envs.of(get("stardist"))
-    if not env.ready():
-        pytest.skip(env.missing_hint())
-    here = Path(__file__).resolve()
-    r = subprocess.run([str(env.python()), "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here),
-                        "-k", "test_stardist_raw_instances_and_probability_map"], cwd=here.parent.parent,
-                       env=envs.worker_env(get("stardist"), dict(os.environ)), capture_output=True, text=True,
-                       timeout=900)
-    assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+    run_in_model_env("stardist", "stardist.models", __file__, "test_stardist_raw_instances_and_probability_map")
