@@ -87,7 +87,7 @@ REAL_DATA ?= ../shared/data/dsb2018/annotations.json ../shared/data/usiigaci_pha
 compare-real: $(STAMP)
 	@rc=0; for d in $(or $(DATA),$(REAL_DATA)); do \
 	  name=$$(basename $$d .json); [ "$$name" = annotations ] && name=$$(basename $$(dirname $$d)); \
-	  case $$name in usiigaci*) extra="--opt cascade.image_scale=0.375 --opt yolo-seg.epochs=20";; *) extra="";; esac; \
+	  case $$name in usiigaci*) extra="--opt yolo-seg.epochs=20";; *) extra="";; esac; \
 	  run=results/runs/real-$$name-$$(date +%Y%m%d-%H%M%S); \
 	  $(BIN)/bench run --models $(MODELS) --data $$d --preset cpu --out $$run $$extra $(REAL_OPTS) || rc=$$?; \
 	  $(BIN)/bench tune $$run && $(BIN)/bench report $$run --out results/real/$$name --breakdown auto || rc=$$?; \

@@ -16,7 +16,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar, Literal, Sequence
+from typing import Annotated, Callable, ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -44,7 +44,8 @@ class AdapterConfig(BaseModel):
     tta: str = "none"
     # images larger than this (px) are predicted as overlapping tiles stitched back at native scale
     # (bench/tiling.py), the same for every model; 0: whole images, as the model is
-    predict_tile: int = Field(0, ge=0)
+    # auto (detectors with train_crop=auto): the derived training crop, so train and test scales agree
+    predict_tile: Annotated[int, Field(ge=0)] | Literal["auto"] = 0
     predict_tile_overlap: int = Field(64, ge=0)   # px shared by neighbouring tiles (> a cell's diameter)
     # the raw-output cache (bench/raw.py): an adapter with a score threshold of its own predicts down
     # to this floor once, the cache keeps all of it and the published predictions keep what passes
@@ -60,7 +61,7 @@ class AdapterConfig(BaseModel):
 
     @model_validator(mode="after")
     def _tile_overlap(self):
-        if self.predict_tile and self.predict_tile_overlap >= self.predict_tile:
+        if isinstance(self.predict_tile, int) and self.predict_tile and self.predict_tile_overlap >= self.predict_tile:
             raise ValueError(f"predict_tile_overlap={self.predict_tile_overlap} must be smaller than "
                              f"predict_tile={self.predict_tile}")
         return self

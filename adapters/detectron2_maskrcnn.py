@@ -37,7 +37,7 @@ import dataclasses
 import logging
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Annotated, Any, Callable, Literal, Sequence
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
@@ -109,7 +109,9 @@ class D2MaskRCNNConfig(AdapterConfig):
     random_flip: Literal["none", "horizontal", "vertical"] = "horizontal"
     # images larger than this train on random crops of it, before the resize (T.RandomCrop "absolute",
     # the rule of bench/tiling.py; 0: off); smaller clipped instances are then dropped
-    train_crop: int = Field(0, ge=0)
+    # auto: the crop whose resize brings the median training cell to target_cell_px (bench/anchors.py)
+    train_crop: Annotated[int, Field(ge=0)] | Literal["auto"] = 0
+    target_cell_px: float = Field(20.0, gt=0)    # train_crop/predict_tile=auto: the cell size the anchors suit
     train_crop_min_area: int = Field(10, ge=1)
     # none: resize to min_size_test only; default: detectron2's own (min_size_train resize +
     # random_flip, the study's "flip and resize"); extra: + vertical flip, brightness and
@@ -408,6 +410,7 @@ class Detectron2MaskRCNN(TrainableAdapter):
                                          "own size and allows scale")
     Config = D2MaskRCNNConfig
     warm_start_name = WEIGHTS_FILE
+    resize_short_key = "min_size_test"
     framework_keys = {
         "iterations": "SOLVER.MAX_ITER", "lr": "SOLVER.BASE_LR", "batch_size": "SOLVER.IMS_PER_BATCH",
         "weight_decay": "SOLVER.WEIGHT_DECAY", "optimizer": "build_optimizer (SGD) / torch Adam",

@@ -65,7 +65,7 @@ import sys
 import uuid
 import warnings
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Annotated, Callable, Literal, Sequence
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
@@ -109,7 +109,9 @@ class CascadeConfig(AdapterConfig):
     nms_iou: float = Field(0.5, gt=0.0, le=1.0)
     mask_thr_binary: float = Field(0.5, gt=0.0, lt=1.0)
     # --- input ----------------------------------------------------------------
-    image_scale: float = Field(1.0, gt=0.0, le=8.0)    # resize factor, training and inference
+    # resize factor, training and inference; auto: target_cell_px / the median training cell (bench/anchors.py)
+    image_scale: Annotated[float, Field(gt=0.0, le=8.0)] | Literal["auto"] = 1.0
+    target_cell_px: float = Field(20.0, gt=0)
     train_scales: list[float] = Field(default_factory=lambda: [1.0])  # x image_scale, one drawn per image
     augment: Literal["none", "default"] = "default"     # default: horizontal / vertical / diagonal flips
     # images larger than this train on random crops of it, before the resize (bench/tiling.py; 0: off)

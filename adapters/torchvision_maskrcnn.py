@@ -10,7 +10,7 @@ do not fit (e.g. COCO's 91-class heads) are skipped and counted.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Annotated, Literal, Sequence
 
 import numpy as np
 from pydantic import Field
@@ -50,7 +50,9 @@ class TorchvisionMaskRCNNConfig(AdapterConfig):
     min_size_train: list[int] | None = None  # multi-scale training: one short side drawn per image (None: min_size)
     max_size: int = 1333
     # images larger than this train on random crops of it, before the min_size resize (bench/tiling.py)
-    train_crop: int = Field(0, ge=0)
+    # auto: the crop whose resize brings the median training cell to target_cell_px (bench/anchors.py)
+    train_crop: Annotated[int, Field(ge=0)] | Literal["auto"] = 0
+    target_cell_px: float = Field(20.0, gt=0)    # train_crop/predict_tile=auto: the cell size the anchors suit
     train_crop_min_area: int = Field(10, ge=1)   # with train_crop: smaller clipped instances are dropped
     iterations: int = 3000
     batch_size: int = 2
@@ -124,6 +126,7 @@ class TorchvisionMaskRCNN(TrainableAdapter):
                                          "scale pass before the network sees it")
     Config = TorchvisionMaskRCNNConfig
     warm_start_name = "model.pt"
+    resize_short_key = "min_size"
     framework_keys = {"iterations": "training loop length", "lr": "SGD/Adam lr", "batch_size": "images per step",
                       "weight_decay": "weight_decay", "optimizer": "torch.optim.SGD / Adam", "lr_steps": "step decay",
                       "lr_gamma": "step decay factor", "warmup_iters": "linear warm-up", "amp": "torch.autocast",

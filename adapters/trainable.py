@@ -367,6 +367,39 @@ def fit_fingerprint(adapter: "TrainableAdapter", cfg: AdapterConfig, train: Sequ
             "train": ids}
 
 
+def resolve_auto_scale(adapter: "TrainableAdapter", cfg: AdapterConfig,
+                       train: Sequence[Sample]) -> tuple[AdapterConfig, dict | None]:
+    """The config with ``train_crop`` / ``predict_tile`` / ``image_scale`` = ``auto`` replaced by
+    what the training set gives (:mod:`bench.anchors`), and what was derived (None: nothing was).
+
+    The resolved config is the one the checkpoint's ``meta.json`` keeps, so a loaded model predicts
+    with the tile its fit derived. ``predict_tile: auto`` follows ``train_crop: auto`` (one scale
+    in training and test) and means nothing without it."""
+    from bench import anchors
+
+    instances = [s.instances for s in train if len(s.instances)]
+    update: dict[str, Any] = {}
+    derived: dict | None = None
+    if getattr(cfg, "train_crop", 0) == "auto":
+        short = int(getattr(cfg, adapter.resize_short_key, 0) or 0) if adapter.resize_short_key else 0
+        if short <= 0:
+            raise ValueError(f"{adapter.name}: train_crop=auto sizes the crop against the resize of its short side; "
+                             f"set {adapter.resize_short_key or 'a resize'} > 0 or give train_crop in pixels")
+        derived = anchors.auto_scale_crop(instances, short, float(getattr(cfg, "target_cell_px")))
+        update["train_crop"] = derived["train_crop"]
+        if cfg.predict_tile == "auto":
+            update["predict_tile"] = derived["predict_tile"]
+    elif cfg.predict_tile == "auto":
+        raise ValueError(f"{adapter.name}: predict_tile=auto is the crop that train_crop=auto derives; "
+                         "set train_crop=auto too, or give predict_tile in pixels")
+    if getattr(cfg, "image_scale", None) == "auto":
+        derived = anchors.auto_image_scale(instances, float(getattr(cfg, "target_cell_px")))
+        update["image_scale"] = derived["image_scale"]
+    if update.get("predict_tile") and cfg.predict_tile_overlap >= update["predict_tile"]:
+        update["predict_tile_overlap"] = update["predict_tile"] // 4
+    return (cfg.model_copy(update=update) if update else cfg), derived
+
+
 # ---------------------------------------------------------------------------
 # the base
 # ---------------------------------------------------------------------------
@@ -384,11 +417,15 @@ class TrainableAdapter(Adapter):
     # True: ``train`` writes checkpoints every ``checkpoint_every`` iterations and continues from the
     # latest one (``self.resume``); False: an interrupted fit restarts from its start (same seed)
     resumes_mid_training: ClassVar[bool] = False
+    # the config key of the short side the framework resizes every image (or crop) to: what
+    # ``train_crop: auto`` sizes the crop against (None: the adapter has no such resize)
+    resize_short_key: ClassVar[str | None] = None
 
     def __init__(self, cfg: AdapterConfig, classes: Sequence[str], device: str = "cpu"):
         super().__init__(cfg, classes, device)
         self.policy = InputPolicy.of(cfg)
         self.resume = FitResume(None, 0, {})
+        self.derived_scale: dict | None = None   # what train_crop/image_scale=auto derived (meta.json)
 
     # ---- shared -----------------------------------------------------------------
     def model_input(self, image: np.ndarray) -> np.ndarray:
@@ -410,6 +447,9 @@ class TrainableAdapter(Adapter):
         if point is not None:
             print(f"{self.name}: resuming the fit from its checkpoint at iteration {point.iteration}", flush=True)
         ctx.begin(point.iteration if point else 0, point.seconds if point else 0.0)
+        self.cfg, self.derived_scale = resolve_auto_scale(self, cfg, train)
+        if self.derived_scale:
+            print(f"{self.name}: scale from the training set: {self.derived_scale}", flush=True)
         self.train(train, val, ctx)
 
     def checkpoint_due(self, done: int, total: int, ctx: FitContext, write: Callable[[Path], None]) -> None:
@@ -421,7 +461,8 @@ class TrainableAdapter(Adapter):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.save_weights(directory)
-        write_meta(directory, self, self.checkpoint_extra())
+        extra = self.checkpoint_extra()
+        write_meta(directory, self, {**extra, "scale": self.derived_scale} if self.derived_scale else extra)
 
     def load(self, directory: Path) -> None:
         meta = read_meta(Path(directory), self.name)
@@ -433,6 +474,7 @@ class TrainableAdapter(Adapter):
         self.policy = InputPolicy.of(self.cfg)
         configure_torch(self.device)
         self.restore_extra(meta.get("extra", {}))
+        self.derived_scale = meta.get("extra", {}).get("scale")
         self.load_weights(Path(directory))
 
     # ---- framework-specific -------------------------------------------------------------

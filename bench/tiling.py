@@ -253,7 +253,11 @@ def predictor(adapter) -> PredictFn:
     checkpoint's ``load`` replaces the config)."""
 
     def predict(samples: Sequence[Sample]) -> list[Instances]:
-        tile = int(getattr(adapter.cfg, "predict_tile", 0) or 0)
+        tile = getattr(adapter.cfg, "predict_tile", 0) or 0
+        if tile == "auto":
+            raise ValueError(f"{adapter.name}: predict_tile=auto is the tile its fit derives (train_crop=auto); "
+                             "this model has not been fitted with it, so give a number of pixels")
+        tile = int(tile)
         if tile <= 0:
             return adapter.predict(samples)
         overlap = int(getattr(adapter.cfg, "predict_tile_overlap", 0) or 0)

@@ -163,21 +163,48 @@ def test_auto_anchor_sizes_from_known_sizes():
     inst = _disk_set(sides, 400)
     sizes = anchors.instance_sizes([inst])
     np.testing.assert_allclose(np.sort(sizes), sides)
-    a = anchors.auto_anchor_sizes(sizes)
+    a = anchors.auto_anchor_sizes(sizes, strides=None)
     lo, hi = np.percentile(sides, [5, 95])
     assert len(a) == 5 and a[0] <= lo and a[-1] >= hi
     assert all(1.8 <= b / a_ <= 2.2 for a_, b in zip(a, a[1:]))  # one octave per FPN level
     assert abs(np.log(a[2] / np.sqrt(lo * hi))) < 0.1              # centred on the size range
     # resized x2 by the model: anchors double
-    a2 = anchors.auto_anchor_sizes(anchors.instance_sizes([inst], [2.0]))
+    a2 = anchors.auto_anchor_sizes(anchors.instance_sizes([inst], [2.0]), strides=None)
     assert all(abs(y - 2 * x) <= 1 for x, y in zip(a, a2))
     # a range wider than four octaves: spread over it instead
     spread = np.geomspace(3, 300, 200)
-    wide = anchors.auto_anchor_sizes(spread)
+    wide = anchors.auto_anchor_sizes(spread, strides=None)
     lo, hi = np.percentile(spread, [5, 95])
     assert abs(wide[0] - lo) <= 0.5 and abs(wide[-1] - hi) <= 0.5 and wide == sorted(set(wide))
     with pytest.raises(ValueError, match="no instance"):
         anchors.auto_anchor_sizes([])
+
+
+def test_auto_anchors_never_fall_under_twice_their_stride():
+    """Cells smaller than the FPN can place anchors for: the floor (2x stride), not the data, sets the
+    small levels; cells large enough keep the derived octaves."""
+    small = anchors.auto_anchor_sizes(np.geomspace(9, 55, 50))  # DSB2018's nuclei in 384-px crops
+    assert small == [8, 16, 32, 64, 128]
+    assert anchors.auto_anchor_sizes(np.geomspace(9, 55, 50), strides=None)[0] < 8
+    big = anchors.auto_anchor_sizes(np.geomspace(30, 120, 50))
+    assert big == anchors.auto_anchor_sizes(np.geomspace(30, 120, 50), strides=None) and big[0] >= 8
+
+
+def test_auto_scale_crop_puts_the_median_cell_at_the_target():
+    inst = _disk_set([20] * 8, 400)  # median 20 px, images 400 px
+    got = anchors.auto_scale_crop([inst], short=200, target_cell_px=20)
+    assert got["train_crop"] == got["predict_tile"] == 192  # 200 * 20 / 20 on the 32-px grid
+    assert got["median_cell_px"] == 20 and got["largest_image"] == 400
+    # the crop resized to 200 px shows the median cell at ~20 px
+    np.testing.assert_allclose(anchors.training_sizes([inst], 200, 10_000, crop=got["train_crop"]), 20 * 200 / 192)
+    # smaller target: larger crop (the cells are shrunk more); at least the largest image: whole images
+    whole = anchors.auto_scale_crop([inst], short=200, target_cell_px=8)
+    assert whole["derived_crop"] == 512 and whole["train_crop"] == whole["predict_tile"] == 0
+    assert anchors.auto_scale_crop([inst], short=200, target_cell_px=1000)["train_crop"] == anchors.MIN_CROP
+    scale = anchors.auto_image_scale([inst], target_cell_px=30)
+    assert scale["image_scale"] == 1.5 and anchors.auto_image_scale([inst], 7)["image_scale"] == 0.35
+    with pytest.raises(ValueError, match="no instance"):
+        anchors.auto_scale_crop([Instances.empty(50, 50)], 200, 20)
 
 
 def test_training_sizes_follow_crop_and_resize():

@@ -177,7 +177,7 @@ def test_cascade_trains_on_crops_with_auto_anchor_scales_and_predicts_tiles(tmp_
                 rcnn_sample_num=64, rpn_train_nms_pre=300, rpn_train_max_per_img=300, rpn_nms_pre=300,
                 rpn_max_per_img=200, max_per_img=100, score_thr=0.0, iterations=2, warmup_iters=1, batch_size=2,
                 num_workers=0, log_every=1, train_crop=80, anchor_scales="auto", predict_tile=80,
-                predict_tile_overlap=24)
+                predict_tile_overlap=24, image_scale="auto", target_cell_px=20.0)
     cfg = make_config("cascade", "smoke", opts)
     a = build("cascade", ds.classes, "smoke")
     log = []
@@ -185,11 +185,70 @@ def test_cascade_trains_on_crops_with_auto_anchor_scales_and_predicts_tiles(tmp_
     assert np.isfinite(log[-1]["loss"])
     (scale,) = a.anchors["anchor_scales"]
     assert list(a.model.rpn_head.prior_generator.scales.tolist()) == pytest.approx([scale])
+    # image_scale=auto: target / the training cells' median, the factor the anchors were measured at
+    from bench.anchors import median_cell_px
+
+    median = median_cell_px([s.instances for s in ds.samples[:4]])
+    assert a.cfg.image_scale == pytest.approx(round(20.0 / median / 0.05) * 0.05) == a.derived_scale["image_scale"]
     val = ds.samples[4:5]
     pred = predictor(a)(val)[0]
     assert (pred.height, pred.width) == (128, 128)
     a.save(tmp_path / "ckpt")
     assert json.loads((tmp_path / "ckpt" / "meta.json").read_text())["extra"]["anchors"]["anchor_scales"] == [scale]
+
+
+def test_torchvision_scale_from_the_training_set_reaches_training_prediction_and_checkpoint(tmp_path, monkeypatch):
+    """``train_crop: auto`` / ``predict_tile: auto`` / ``anchor_sizes: auto`` in a real (2-iteration)
+    torchvision training: the crop derived from the training cells' median is the one the training
+    loop crops to and the tile prediction uses, meta.json keeps the resolved config and how it was
+    derived, and a loaded model predicts with the same tile (same scores)."""
+    import json
+
+    from bench.adapters.base import FitContext
+    from bench.adapters.registry import build
+    from bench.anchors import auto_scale_crop
+    from bench.data.io import read_sartorius
+    from bench.data.synth import generate
+    from bench.tiling import predictor
+
+    generate(tmp_path / "synth", n_images=5, size=(256, 256), seed=0)
+    ds = read_sartorius(tmp_path / "synth")
+    train, val = ds.samples[:4], ds.samples[4:5]
+    want = auto_scale_crop([s.instances for s in train], 128, 12.0)
+    assert 0 < want["train_crop"] < 256  # the test needs a real crop
+    opts = {"backbone": "resnet18", "fpn_channels": 32, "iterations": 2, "lr_steps": [], "warmup_iters": 1,
+            "log_every": 1, "batch_size": 2, "min_size": 128, "min_size_train": [128], "max_size": 256,
+            "box_score_thresh": 0.0, "train_crop": "auto", "predict_tile": "auto", "target_cell_px": 12.0,
+            "anchor_sizes": "auto"}
+    cfg = make_config("maskrcnn-tv", "smoke", opts)
+    a = build("maskrcnn-tv", ds.classes, "smoke")
+    seen = []
+    real_crop = tiling.random_crop
+
+    def spy(img, inst, size, *args, **kw):
+        seen.append(size)
+        return real_crop(img, inst, size, *args, **kw)
+
+    monkeypatch.setattr(tiling, "random_crop", spy)  # the training loop imports it at each crop
+    a.fit(train, [], cfg, FitContext(tmp_path / "w", "cpu", 0, None, lambda r: None))
+    monkeypatch.undo()
+    assert a.cfg.train_crop == a.cfg.predict_tile == want["train_crop"] and set(seen) == {want["train_crop"]}
+    assert a.derived_scale["median_cell_px"] == want["median_cell_px"]
+    assert min(a.anchors["anchor_sizes"]) >= 8  # never under 2x the P2 stride
+    pred = predictor(a)(val)[0]
+    assert (pred.height, pred.width) == (256, 256)
+    a.save(tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / "meta.json").read_text())
+    assert meta["config"]["predict_tile"] == want["train_crop"] and meta["extra"]["scale"]["target_cell_px"] == 12.0
+    b = build("maskrcnn-tv", ds.classes, "smoke")
+    b.load(tmp_path / "ckpt")
+    assert b.cfg.predict_tile == want["train_crop"]
+    np.testing.assert_array_equal(predictor(b)(val)[0].scores, pred.scores)
+    # predict_tile=auto means the crop train_crop=auto derives: alone it is refused, naming both
+    lone = make_config("maskrcnn-tv", "smoke", {**opts, "train_crop": 0})
+    with pytest.raises(ValueError, match="predict_tile=auto.*train_crop=auto"):
+        build("maskrcnn-tv", ds.classes, "smoke").fit(train, [], lone, FitContext(tmp_path / "w2", "cpu", 0, None,
+                                                                                   lambda r: None))
 
 
 def test_bench_run_predicts_tiles_where_asked(tmp_path, tiny_synth):
