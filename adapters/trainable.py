@@ -54,7 +54,7 @@ VOCABULARY: dict[str, str] = {
     "steps_per_epoch": "optimiser steps per epoch where the framework fixes an epoch's length (StarDist)",
     "patch_size": "training crop (h, w) in pixels, where the framework trains on crops (StarDist)",
     "train_crop": "detectors: images larger than this (px) train on random crops of it, before the resize "
-                  "(bench/tiling.py; 0: off)",
+                  "(bench/tiling.py; 0: off; auto: sized so the median training cell is target_cell_px)",
     "train_crop_min_area": "with train_crop: instances left with fewer pixels by the crop are dropped",
     "lr": "base learning rate",
     "batch_size": "images per optimiser step",

@@ -269,3 +269,30 @@ def test_bench_run_predicts_tiles_where_asked(tmp_path, tiny_synth):
     # tiles did run: watershed's seeds near the seams see less context, so some masks differ
     assert any(len(preds[k]) != len(plain[k]) or any(not np.array_equal(a, b) for a, b in
                                                      zip(preds[k].counts, plain[k].counts)) for k in preds)
+
+
+@pytest.mark.parametrize("name", ["maskrcnn", "maskrcnn-tv", "cascade"])
+def test_cpu_presets_derive_each_detectors_scale_from_its_own_resize(name, tmp_path):
+    """The shipped ``cpu`` presets resolve ``auto`` against each detector's own resize key (Detectron2:
+    ``min_size_test``, torchvision: ``min_size``; Cascade: a factor) and the anchors of the resolved
+    config: what bench/anchors.py computes for these instances, nothing hard-coded."""
+    from bench import anchors
+    from bench.adapters.registry import get
+    from bench.adapters.trainable import resolve_auto_scale
+    from bench.data.io import read_sartorius
+    from bench.data.synth import generate
+
+    generate(tmp_path / "synth", n_images=3, size=(704, 520), seed=0)
+    train = read_sartorius(tmp_path / "synth").samples
+    insts = [s.instances for s in train]
+    cfg = make_config(name, "cpu")
+    resolved, derived = resolve_auto_scale(get(name), cfg, train)
+    if name == "cascade":
+        assert resolved.image_scale == anchors.auto_image_scale(insts, 20.0)["image_scale"] == derived["image_scale"]
+        assert resolved.train_crop == 0 and resolved.predict_tile == 0
+    else:
+        short = resolved.min_size_test if name == "maskrcnn" else resolved.min_size
+        want = anchors.auto_scale_crop(insts, short, 20.0)
+        assert resolved.train_crop == resolved.predict_tile == want["train_crop"] and derived == want
+        assert resolved.predict_tile_overlap < max(resolved.predict_tile, 1) or resolved.predict_tile == 0
+    assert cfg.model_dump() != resolved.model_dump() and (cfg.train_crop == "auto" or cfg.image_scale == "auto")
