@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from bench import cli_options
 from bench.data.errors import DataError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -287,27 +288,19 @@ def run_cmd(models: str = typer.Option(..., "--models", help="Comma-separated sp
                                                                     "corrupt, wrong size) instead of refusing the "
                                                                     "run; each is printed and listed in the "
                                                                     "manifest."),
-            executor: str = typer.Option("local", "--executor", help="local | slurm: where the models' jobs run "
-                                                                    "(README: Running on a cluster)."),
-            jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="local: models at once (default 1, or "
-                                               "one per --gpus); the cores are divided between them."),
-            gpus: Optional[str] = typer.Option(None, "--gpus", help="local: GPUs for the jobs, e.g. 0,1 (each job "
-                                               "its own: CUDA_VISIBLE_DEVICES)."),
-            max_parallel: Optional[int] = typer.Option(None, "--max-parallel", min=1, help="slurm: jobs running "
-                                                       "at once."),
-            slurm: list[str] = typer.Option([], "--slurm", help="KEY=VALUE per job (repeatable), over each model's "
-                                            "resources: gpus, cpus, mem_gb, time_min; slurm: partition, account, "
-                                            "qos, additional={...}.")):
+            executor: str = cli_options.EXECUTOR, jobs: Optional[int] = cli_options.JOBS,
+            gpus: Optional[str] = cli_options.GPUS, max_parallel: Optional[int] = cli_options.MAX_PARALLEL,
+            slurm: list[str] = cli_options.SLURM):
     """Train and score models on one split; each model in its own process. Exit code = failed models."""
     from bench.adapters.registry import ConfigError, compose_specs
-    from bench.cli_executor import run_executor_spec
+    from bench.cli_executor import executor_spec
     from bench.runner.run import RunInterrupted, run_benchmark, summary_table
 
     try:
         specs = compose_specs(models, opts, sets)  # every name, key and value checked before anything runs
         if data is not None and not Path(data).exists():
             raise DataError(data, "dataset path does not exist")
-        spec = run_executor_spec(executor, jobs, gpus, max_parallel, slurm, device)
+        spec = executor_spec(executor, jobs, gpus, max_parallel, slurm, device)
         run_dir, outcomes = run_benchmark(specs, data, preset, device, seed, out, resume, val, timeout_s=timeout,
                                           skip_bad=skip_bad, executor=spec)
     except RunInterrupted as e:  # the worker was stopped and recorded as interrupted: --resume continues

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from bench.cli import _fail, app
+from bench import cli_options
 from bench.data.errors import DataError
 
 
@@ -32,17 +33,9 @@ def sweep_cmd(config: Path = typer.Argument(..., help="Sweep file, e.g. configs/
               resume: bool = typer.Option(False, "--resume", help="Continue --out (or the latest sweep of "
                                                                   "this name); finished runs are kept."),
               report: bool = typer.Option(True, "--report/--no-report", help="Write the sweep report after."),
-              executor: str = typer.Option("local", "--executor", help="local | slurm (README: Running on a "
-                                                                      "cluster)."),
-              jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="local: runs at once (default 1, "
-                                                 "or one per --gpus); the cores are divided between them."),
-              gpus: Optional[str] = typer.Option(None, "--gpus", help="local: GPUs for the jobs, e.g. 0,1,2,3 "
-                                                 "(each job its own: CUDA_VISIBLE_DEVICES)."),
-              max_parallel: Optional[int] = typer.Option(None, "--max-parallel", min=1, help="slurm: jobs of "
-                                                         "the array running at once."),
-              slurm: list[str] = typer.Option([], "--slurm", help="slurm: KEY=VALUE per job (repeatable), over "
-                                              "the sweep file's slurm: section: partition, account, qos, gpus, "
-                                              "cpus, mem_gb, time_min, additional={...}.")):
+              executor: str = cli_options.EXECUTOR, jobs: Optional[int] = cli_options.JOBS,
+              gpus: Optional[str] = cli_options.GPUS, max_parallel: Optional[int] = cli_options.MAX_PARALLEL,
+              slurm: list[str] = cli_options.SLURM):
     """Run every variant x seed of an experiment on one split, then report it. Exit code = failed runs."""
     from bench.adapters.registry import ConfigError
     from bench.cli_executor import executor_spec
@@ -58,7 +51,7 @@ def sweep_cmd(config: Path = typer.Argument(..., help="Sweep file, e.g. configs/
             raise ValueError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
         if data is not None and not Path(data).exists():
             raise DataError(data, "dataset path does not exist")
-        spec = executor_spec(config, executor, jobs, gpus, max_parallel, slurm)
+        spec = executor_spec(executor, jobs, gpus, max_parallel, slurm, sweep_file=config, check=False)
         sweep_dir, states = run_sweep(config, seed_list, preset, device, out, resume,
                                       [v.strip() for v in variants.split(",")] if variants else None,
                                       parse_sets(sets), data, opts=parse_opts(opts), executor=spec)

@@ -120,10 +120,11 @@ def test_resources_precedence_model_then_sweep_file_then_command_line(tmp_path):
     from bench.cli_executor import executor_spec
 
     cfg = sweep_file(tmp_path, {"base": {}}, slurm={"cpus": 4, "time_min": 90, "partition": "gpu"})
-    file_only = executor_spec(cfg, "slurm", None, None, None, [])
+    file_only = executor_spec("slurm", None, None, None, [], sweep_file=cfg, check=False)
     assert job_resources("maskrcnn-tv", "smoke", file_only.slurm, root) == Resources(gpus=2, cpus=4, mem_gb=32,
                                                                                      time_min=90)
-    both = executor_spec(cfg, "slurm", None, None, None, ["time_min=20", "mem_gb=3"])
+    both = executor_spec("slurm", None, None, None, ["time_min=20", "mem_gb=3"], sweep_file=cfg,
+                         check=False)
     assert job_resources("maskrcnn-tv", "smoke", both.slurm, root) == Resources(gpus=2, cpus=4, mem_gb=3, time_min=20)
     # SLURM's defaults (cpus=1, time_min=60) are not "given": they never hide the model's
     assert job_resources("maskrcnn-tv", "default", parse_slurm_options({}, []), root).cpus == 8

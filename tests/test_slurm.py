@@ -191,7 +191,7 @@ def test_an_option_the_cluster_rejects_shows_sbatchs_error(tmp_path, tiny_synth)
     cfg = sweep_file(tmp_path, {"base": {}}, seeds=[0], slurm={"partition": "no-such-partition"})
     from bench.cli_executor import executor_spec
 
-    spec = executor_spec(cfg, "slurm", None, None, None, [])
+    spec = executor_spec("slurm", None, None, None, [], sweep_file=cfg, check=False)
     assert spec.slurm.partition == "no-such-partition"
     with pytest.raises(ExecutorError, match="sbatch refused .*(?i:invalid partition)"):
         run_sweep(cfg, data=str(tiny_synth), out=tmp_path / "sw", echo=lambda *_: None, executor=spec)
