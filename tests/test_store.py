@@ -59,8 +59,11 @@ def test_an_older_manifest_reads(tmp_path):
 
 
 def _committed_runs() -> list[Path]:
-    return sorted(p.parent for p in (Path(__file__).resolve().parents[1] / "results").rglob("manifest.json")
-                  if (p.parent / "models").is_dir())
+    """Run folders committed under results/ (not the git-ignored local results/runs, results/sweeps)."""
+    results = Path(__file__).resolve().parents[1] / "results"
+    local = (results / "runs", results / "sweeps", results / "cache")
+    return sorted(p.parent for p in results.rglob("manifest.json")
+                  if (p.parent / "models").is_dir() and not any(d in p.parents for d in local))
 
 
 def _named_paths(md) -> set[Path]:
@@ -78,7 +81,8 @@ def test_run_folders_an_earlier_cellbench_wrote_read_through_the_store():
     for path in runs:
         run = RunDir(path)
         assert run.read_manifest().models and {p for p in path.iterdir()} <= {run.manifest_path, run.split,
-                                                                              run.models_dir, run.lock_path}
+                                                                              run.models_dir, run.lock_path,
+                                                                              run.jobs_dir}
         assert run.models(), path
         for md in run.models():
             named = _named_paths(md)
