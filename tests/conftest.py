@@ -80,3 +80,45 @@ def run_in_model_env():
         assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
 
     return run
+
+
+class BenchProcesses:
+    """Real ``python -m bench ...`` processes, for what only a separate process shows (signals, the
+    run lock); every one still running at the test's end is killed."""
+
+    def __init__(self):
+        self.procs: list = []
+
+    def start(self, *args):
+        import subprocess
+        import sys
+
+        proc = subprocess.Popen([sys.executable, "-m", "bench", *map(str, args)], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        self.procs.append(proc)
+        return proc
+
+    @staticmethod
+    def wait_until(proc, ready, timeout: float, poll: float = 0.1) -> None:
+        """Until ``ready()``; fails with the process's output if it ends first, or if time runs out."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not ready():
+            ended = proc.poll() is not None
+            assert not ended and time.monotonic() < deadline, (proc.stdout.read() if ended else
+                                                               f"not ready after {timeout} s")
+            time.sleep(poll)
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def bench_processes():
+    procs = BenchProcesses()
+    yield procs
+    procs.kill_all()

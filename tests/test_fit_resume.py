@@ -155,11 +155,8 @@ def test_an_interrupted_fit_resumes_at_its_checkpoint_and_ends_where_one_fit_end
 # ---------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_a_sigtermed_bench_run_resumes_its_fit_mid_training(tiny_synth, tmp_path):
+def test_a_sigtermed_bench_run_resumes_its_fit_mid_training(tiny_synth, tmp_path, bench_processes):
     import signal
-    import subprocess
-    import sys
-    import time
 
     from bench.runner.run import run_benchmark
     from bench.store import RunDir
@@ -169,20 +166,11 @@ def test_a_sigtermed_bench_run_resumes_its_fit_mid_training(tiny_synth, tmp_path
     opts = {**TINY["maskrcnn-tv"], "iterations": n, "lr_steps": [12], "checkpoint_every": EVERY}
     spec = "maskrcnn-tv:" + ",".join(f"{k}={json.dumps(v).replace(' ', '')}" for k, v in opts.items())
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--models", spec, "--data", str(tiny_synth),
-                             "--device", "cpu", "--out", str(out), "--preset", "smoke"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not any(out.glob(f"models/*/resume/{RESUME_STATE}")):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 130, proc.stdout.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    proc = bench_processes.start("run", "--models", spec, "--data", tiny_synth, "--device", "cpu", "--out", out,
+                                 "--preset", "smoke")
+    bench_processes.wait_until(proc, lambda: any(out.glob(f"models/*/resume/{RESUME_STATE}")), timeout=300)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 130, proc.stdout.read()
     md = RunDir(out).models()[0]
     assert not md.fit_done.is_file() and md.read_status().state == "interrupted"
     k = json.loads((md.resume / RESUME_STATE).read_text())["iteration"]

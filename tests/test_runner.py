@@ -258,13 +258,10 @@ def test_a_second_runner_on_a_locked_run_is_refused(tmp_path, tiny_synth):
     assert [o.state for o in out] == ["done", "done"]  # the lock went with its holder
 
 
-def test_a_running_bench_run_holds_its_folder_and_stops_on_sigterm(tmp_path, tiny_synth):
+def test_a_running_bench_run_holds_its_folder_and_stops_on_sigterm(tmp_path, tiny_synth, bench_processes):
     """A real second process: refused while the first runs; SIGTERM reaches the worker, which is
     marked interrupted (not out of memory); --resume then finishes it."""
     import signal
-    import subprocess
-    import sys
-    import time
 
     from bench.store import RunLocked
 
@@ -272,23 +269,13 @@ def test_a_running_bench_run_holds_its_folder_and_stops_on_sigterm(tmp_path, tin
     counters.mkdir()
     spec = f"fake:fit_sleep=120,counter_dir={counters}"
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--models", spec, "--data", str(tiny_synth),
-                             "--device", "cpu", "--out", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (counters / "fit.started").is_file():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
-            time.sleep(0.2)
-        worker = int((counters / "fit.started").read_text())
-        with pytest.raises(RunLocked, match=f"pid {proc.pid} "):
-            _run(tmp_path, [spec], tiny_synth, out=out, resume=True)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 130, proc.stdout.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    proc = bench_processes.start("run", "--models", spec, "--data", tiny_synth, "--device", "cpu", "--out", out)
+    bench_processes.wait_until(proc, (counters / "fit.started").is_file, timeout=120, poll=0.2)
+    worker = int((counters / "fit.started").read_text())
+    with pytest.raises(RunLocked, match=f"pid {proc.pid} "):
+        _run(tmp_path, [spec], tiny_synth, out=out, resume=True)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130, proc.stdout.read()
     assert not _alive(worker)
     from bench.store import model_label
 
