@@ -226,14 +226,23 @@ def _identity_policy(adapter) -> Iterator[None]:
 
 def predict_tiled(adapter, samples: Sequence[Sample], tile: int, overlap: int) -> list[Instances]:
     """``adapter.predict`` on ``samples``, images larger than ``tile`` as stitched tiles (one
-    predict call per image: its tiles are the batch); smaller ones whole, as they are."""
+    predict call per image: its tiles are the batch); smaller ones whole, as they are.
+
+    While raw maps are captured (``adapter.raw_maps``, bench/raw.py), the adapter appends one map
+    per *tile*; they are stitched into one map per image (:func:`stitch_maps`) and left in the
+    samples' order, so the capture sees what an untiled predict would have appended."""
     from bench.data.normalize import InputPolicy, normalize
 
+    recording = getattr(adapter, "raw_maps", None) is not None
+    start = len(adapter.raw_maps) if recording else 0
+    maps: list[dict] = [{} for _ in samples]
     out: list[Instances | None] = [None] * len(samples)
     small = [k for k, s in enumerate(samples) if s.height <= tile and s.width <= tile]
     if small:
         for k, pred in zip(small, adapter.predict([samples[k] for k in small])):
             out[k] = pred
+        for k, m in zip(small, _maps_since(adapter, start)):
+            maps[k] = m
     for k, s in enumerate(samples):
         if out[k] is not None:
             continue
@@ -245,7 +254,50 @@ def predict_tiled(adapter, samples: Sequence[Sample], tile: int, overlap: int) -
             grid = list(tiles_of(s, s.image, tile, overlap))
             preds = adapter.predict([t for _, _, t in grid])
         out[k] = stitch([(y0, x0, p) for (y0, x0, _), p in zip(grid, preds)], s.height, s.width, tile, overlap)
+        tile_maps = _maps_since(adapter, start)
+        if tile_maps:
+            maps[k] = stitch_maps([(y0, x0, m) for (y0, x0, _), m in zip(grid, tile_maps)], s.height, s.width,
+                                  tile, overlap)
+    if recording:
+        adapter.raw_maps.extend(maps)
     return out  # type: ignore[return-value]
+
+
+def _maps_since(adapter, start: int) -> list[dict]:
+    """The maps the adapter appended since ``start``, removed from its capture list."""
+    got = getattr(adapter, "raw_maps", None)
+    if got is None:
+        return []
+    taken = list(got[start:])
+    del got[start:]
+    return taken
+
+
+def stitch_maps(parts: Sequence[tuple[int, int, dict]], height: int, width: int, tile: int,
+                overlap: int) -> dict:
+    """One image's per-pixel maps from its tiles' maps: each tile fills the part of the image it owns
+    (:func:`owned`, the same partition as the instances). A map may be at a coarser resolution
+    than its tile (StarDist's grid): the tile's own ratio scales the owned rectangle. Keys every
+    tile has are stitched; a tile without maps leaves none for the image."""
+    if not parts or any(not m for _, _, m in parts):
+        return {}
+    ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
+    th, tw = min(tile, height), min(tile, width)
+    out = {}
+    for key in set.intersection(*(set(m) for _, _, m in parts)):
+        first = np.asarray(parts[0][2][key])
+        fy, fx = first.shape[0] / th, first.shape[1] / tw
+        full = np.zeros((int(round(height * fy)), int(round(width * fx))) + first.shape[2:], dtype=first.dtype)
+        for y0, x0, m in parts:
+            a = np.asarray(m[key])
+            (ylo, yhi), (xlo, xhi) = owned(ys, ys.index(y0), tile, height), owned(xs, xs.index(x0), tile, width)
+            oy0, oy1 = int(round(ylo * fy)), min(int(round(yhi * fy)), full.shape[0])
+            ox0, ox1 = int(round(xlo * fx)), min(int(round(xhi * fx)), full.shape[1])
+            sy0, sx0 = oy0 - int(round(y0 * fy)), ox0 - int(round(x0 * fx))
+            h, w = min(oy1 - oy0, a.shape[0] - sy0), min(ox1 - ox0, a.shape[1] - sx0)
+            full[oy0:oy0 + h, ox0:ox0 + w] = a[sy0:sy0 + h, sx0:sx0 + w]
+        out[key] = full
+    return out
 
 
 def predictor(adapter) -> PredictFn:

@@ -113,6 +113,50 @@ def test_tiled_prediction_equals_whole_image_prediction_and_reassembles_cut_cell
     assert _masks(tiling.predict_tiled(model, [small], 128, 32)[0]) == _masks(model.predict([small])[0])
 
 
+class _MapModel(_Components):
+    """Also keeps per-pixel maps as Cellpose and StarDist do while raw maps are captured: a full-
+    resolution one (the image) and one on StarDist's 2x2 grid (every other pixel)."""
+
+    raw_maps = None
+
+    def predict(self, samples):
+        out = super().predict(samples)
+        if self.raw_maps is not None:
+            for img in self.seen[-len(samples):]:
+                self.raw_maps.append({"prob": img.astype(np.float32), "grid": img[::2, ::2].astype(np.float32)})
+        return out
+
+
+def test_tiled_prediction_stitches_the_tiles_maps_into_one_map_per_image_in_order():
+    """With tiles on, the capture gets one map per image (not per tile), equal to the untiled
+    map at full and at grid resolution, in the samples' order (a small image before a large one
+    in the same call, or after it)."""
+    from bench.raw import capture, take_maps
+
+    rng = np.random.default_rng(3)
+    big = Sample("big", Instances.empty(230, 300, with_scores=False),
+                 _image=rng.random((230, 300)).astype(np.float32))
+    small = Sample("small", Instances.empty(100, 90, with_scores=False),
+                   _image=rng.random((100, 90)).astype(np.float32))
+    for order in ([big, small], [small, big]):
+        model = _MapModel()
+        with capture(model, None):
+            tiling.predict_tiled(model, order, 128, 32)
+            tiled = take_maps(model)
+        with capture(model, None):
+            model.predict(order)
+            whole = take_maps(model)
+        assert len(tiled) == len(whole) == 2
+        for t, w in zip(tiled, whole):
+            assert set(t) == {"prob", "grid"} and t["prob"].shape == w["prob"].shape
+            np.testing.assert_array_equal(t["prob"], w["prob"])
+            np.testing.assert_array_equal(t["grid"], w["grid"])
+    # a prediction outside a capture keeps no maps
+    model = _MapModel()
+    tiling.predict_tiled(model, [big], 128, 32)
+    assert model.raw_maps is None
+
+
 def test_a_cell_wider_than_the_overlap_is_merged_from_its_pieces():
     """A 40 px bar across a border with an 8 px overlap is cut in both tiles; the pieces are one cell."""
     h, w = 64, 120
