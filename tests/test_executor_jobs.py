@@ -273,3 +273,34 @@ def test_status_shows_a_running_stage_job_and_its_waiting_fine_tune(tmp_path, ti
     assert result["states"]["retrain/seed0"]["state"] == "done"
     text = status_text(out)
     assert [_row(text, k).split()[1] for k in ("retrain/seed0/pretrain0", "retrain/seed0")] == ["done", "done"]
+
+
+def test_status_of_a_serial_sweep_shows_its_stage_from_the_run_folders(tmp_path, tiny_synth, fake_plugin):
+    """Serially (no executor) a stage trains inside the sweep's own process, without a job record:
+    ``bench status`` still gives it a row of its own, from the stage's run folder (running while it
+    trains, done after), beside its fine-tune's row."""
+    import threading
+    import time
+
+    from bench.executor.status import status_text
+
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    cfg = sweep_file(tmp_path, {"retrain": {"pretrain": [{"data": "split:train+val", "options": {
+        "counter_dir": str(stage), "fit_sleep": 6}}]}}, seeds=[0], base_options={"iterations": 2})
+    out, result = tmp_path / "sw", {}
+    th = threading.Thread(target=lambda: result.update(states=run_sweep(
+        cfg, data=str(tiny_synth), out=out, results=tmp_path / "r", echo=lambda *_: None)[1]))
+    th.start()
+    end = time.monotonic() + 120
+    while not (stage / "fit.started").is_file() and time.monotonic() < end:
+        time.sleep(0.2)
+    text = status_text(out)
+    th.join(180)
+    assert (stage / "fit.started").is_file() and not th.is_alive()
+    assert not (out / "jobs").exists()  # serial: no job records
+    running = _row(text, "retrain/seed0/pretrain0")
+    assert running.split()[1] == "running", text
+    assert result["states"]["retrain/seed0"]["state"] == "done"
+    text = status_text(out)
+    assert [_row(text, k).split()[1] for k in ("retrain/seed0/pretrain0", "retrain/seed0")] == ["done", "done"]
