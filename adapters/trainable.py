@@ -417,6 +417,8 @@ class TrainableAdapter(Adapter):
     # True: ``train`` writes checkpoints every ``checkpoint_every`` iterations and continues from the
     # latest one (``self.resume``); False: an interrupted fit restarts from its start (same seed)
     resumes_mid_training: ClassVar[bool] = False
+    # what a mid-training checkpoint's iteration counts, as a field of the training log's records
+    resume_unit: ClassVar[str] = "step"
     # the config key of the short side the framework resizes every image (or crop) to: what
     # ``train_crop: auto`` sizes the crop against (None: the adapter has no such resize)
     resize_short_key: ClassVar[str | None] = None

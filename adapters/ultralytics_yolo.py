@@ -60,6 +60,7 @@ class YoloSegConfig(AdapterConfig):
     conf: float = Field(0.25, ge=0, le=1)   # score threshold at prediction (Ultralytics' default)
     iou: float = Field(0.7, ge=0, le=1)     # NMS IoU
     max_det: int = Field(1000, ge=1)
+    checkpoint_every: int = Field(0, ge=0)   # keep Ultralytics' last.pt every N epochs, to resume from (0: off)
 
     @field_validator("eval_every")
     @classmethod
@@ -139,7 +140,13 @@ class YoloSeg(TrainableAdapter):
     framework_keys = {"epochs": "epochs", "batch_size": "batch", "lr": "lr0", "optimizer": "optimizer (SGD/Adam/AdamW)",
                       "weight_decay": "weight_decay", "amp": "amp", "num_workers": "workers",
                       "augment": "mosaic, fliplr/flipud, hsv_*, scale, translate, degrees, mixup",
-                      "eval_every": "only 0 (Ultralytics' trainer would validate on the benchmark's validation images)"}
+                      "eval_every": "only 0 (Ultralytics' trainer would validate on the benchmark's validation images)",
+                      "checkpoint_every": "epochs: a copy of last.pt (weights, EMA, optimizer, epoch); "
+                                          "train(resume=...) continues from it"}
+    # per epoch: Ultralytics resumes from last.pt at the next epoch with its own state (optimizer, EMA,
+    # scheduler), but draws the data of the resumed epochs afresh, so the weights are not bit-identical
+    resumes_mid_training = True
+    resume_unit = "epoch"
 
     def __init__(self, cfg, classes, device="cpu"):
         super().__init__(cfg, classes, device)
@@ -190,30 +197,48 @@ class YoloSeg(TrainableAdapter):
         model = self._load(start) if start else YOLO(c.model, task="segment")
         if model.task != "segment":
             raise ValueError(f"{c.model}: builds a {model.task!r} model, not segmentation")
-        self._add_callbacks(model, ctx, c)
         work = Path(ctx.workdir).resolve()  # a relative project would go under Ultralytics' runs_dir
-        model.train(data=str(data.yaml_path.resolve()), project=str(work), name="yolo", exist_ok=True,
-                    device=self._device(), amp=use_amp, seed=ctx.seed, deterministic=True, pretrained=False,
-                    plots=False, val=False, save_period=-1, cache=False, verbose=False, patience=10 ** 6,
-                    epochs=c.epochs, imgsz=c.imgsz, batch=c.batch_size, workers=c.num_workers,
-                    optimizer={"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}[c.optimizer], lr0=c.lr,
-                    momentum=c.momentum, weight_decay=c.weight_decay, warmup_epochs=c.warmup_epochs,
-                    close_mosaic=c.close_mosaic, nbs=c.batch_size,  # one optimiser step per batch, as elsewhere
-                    **_augmentation(c.augment))
+        last = work / "yolo" / "weights" / "last.pt"
+        if ctx.resumed_from:  # an interrupted fit: Ultralytics' own resume, from the kept last.pt
+            last.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.resume.point.folder / "last.pt", last)  # type: ignore[union-attr]
+            model = YOLO(str(last), task="segment")
+            self._add_callbacks(model, ctx, c)
+            model.train(resume=str(last), data=str(data.yaml_path.resolve()), device=self._device(),
+                        workers=c.num_workers, plots=False, val=False, verbose=False)
+        else:
+            model = self._load(start) if start else YOLO(c.model, task="segment")
+            if model.task != "segment":
+                raise ValueError(f"{c.model}: builds a {model.task!r} model, not segmentation")
+            self._add_callbacks(model, ctx, c)
+            model.train(data=str(data.yaml_path.resolve()), project=str(work), name="yolo", exist_ok=True,
+                        device=self._device(), amp=use_amp, seed=ctx.seed, deterministic=True, pretrained=False,
+                        plots=False, val=False, save_period=-1, cache=False, verbose=False, patience=10 ** 6,
+                        epochs=c.epochs, imgsz=c.imgsz, batch=c.batch_size, workers=c.num_workers,
+                        optimizer={"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}[c.optimizer], lr0=c.lr,
+                        momentum=c.momentum, weight_decay=c.weight_decay, warmup_epochs=c.warmup_epochs,
+                        close_mosaic=c.close_mosaic, nbs=c.batch_size,  # one optimiser step per batch, as elsewhere
+                        **_augmentation(c.augment))
         last = work / "yolo" / "weights" / "last.pt"
         if not last.is_file():
             raise FileNotFoundError(f"Ultralytics' trainer wrote no {last}")
         self.yolo = YOLO(str(last), task="segment")  # the last epoch's (EMA) weights, as saved: what save() keeps
         self._last = last
 
-    @staticmethod
-    def _add_callbacks(model, ctx: FitContext, c: YoloSegConfig) -> None:
-        """Progress per batch and one shared-schema log record per epoch, from Ultralytics' callbacks."""
-        state = {"step": 0}
+    def _add_callbacks(self, model, ctx: FitContext, c: YoloSegConfig) -> None:
+        """Progress per batch and one shared-schema log record per epoch, from Ultralytics' callbacks;
+        after each epoch's last.pt, a mid-training checkpoint when one is due (``checkpoint_every``)."""
+        state = {"in_epoch": 0}
+
+        def step(trainer) -> int:  # batches done since the fit began (a resumed fit starts at its epoch)
+            return trainer.epoch * len(trainer.train_loader) + state["in_epoch"]
+
+        def on_epoch_start(trainer):
+            state["in_epoch"] = 0
 
         def on_batch_end(trainer):
-            state["step"] += 1
-            ctx.report(state["step"], c.epochs * len(trainer.train_loader))
+            state["in_epoch"] += 1
+            ctx.report(step(trainer), c.epochs * len(trainer.train_loader))
 
         def on_epoch_end(trainer):
             tloss = trainer.tloss  # running means of this epoch's losses: a dict (8.4) or a tensor (8.3)
@@ -222,11 +247,17 @@ class YoloSeg(TrainableAdapter):
             else:
                 parts = {str(k): float(v) for k, v in zip(trainer.loss_names, np.atleast_1d(
                     tloss.tolist() if tloss is not None else []))}
-            ctx.log_step(state["step"], loss=float(sum(parts.values())) if parts else None, parts=parts,
+            ctx.log_step(step(trainer), loss=float(sum(parts.values())) if parts else None, parts=parts,
                          epoch=trainer.epoch + 1, lr=float(trainer.optimizer.param_groups[0]["lr"]))
 
+        def on_model_save(trainer):  # last.pt of this epoch is written
+            self.checkpoint_due(trainer.epoch + 1, c.epochs, ctx,
+                                lambda folder: shutil.copyfile(trainer.last, folder / "last.pt"))
+
+        model.add_callback("on_train_epoch_start", on_epoch_start)
         model.add_callback("on_train_batch_end", on_batch_end)
         model.add_callback("on_train_epoch_end", on_epoch_end)
+        model.add_callback("on_model_save", on_model_save)
 
     # ---- inference -------------------------------------------------------------------------------
     def score_threshold(self) -> float | None:

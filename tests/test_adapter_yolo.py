@@ -212,3 +212,42 @@ def test_nothing_is_fetched(tiny, tiny_synth, tmp_path):
     assert (tmp_path / "rel" / "work" / "yolo" / "weights" / "last.pt").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "rel"]
     assert all(d.startswith(str(tmp_path / "rel" / "work")) for d in out["dirs"]), out["dirs"]
+
+
+class _Killed(Exception):
+    """Stands for the SIGTERM / time limit that ends a fit between two epochs' checkpoints."""
+
+
+@pytest.mark.slow
+def test_an_interrupted_fit_resumes_at_its_last_epoch_checkpoint(tiny, tmp_path):
+    """``checkpoint_every=1``: the fit is killed in epoch 2 after epoch 1's last.pt was kept; started
+    again in the same folders, Ultralytics resumes at epoch 2 (its optimizer and EMA from the
+    checkpoint), logs epochs 2-3 only, and the result predicts. Not bit-identical to one fit:
+    Ultralytics draws the resumed epochs' data afresh (README: who resumes mid-training)."""
+    from bench.adapters.trainable import RESUME_STATE
+
+    ds, samples = tiny
+    train = samples[:9]
+    spec = TINY.replace("epochs=2", "epochs=3") + ",checkpoint_every=1"
+
+    def fit(kill_at=None):
+        m, logs = build(spec, ds.classes, preset="smoke"), []
+
+        def progress(done, total, info):
+            if done == kill_at:
+                raise _Killed(f"killed at batch {done}")
+
+        ctx = FitContext(workdir=tmp_path / "work", seed=0, log_loss=logs.append, progress=progress,
+                         resume_dir=tmp_path / "resume")
+        m.fit(train, [], m.cfg, ctx)
+        return m, logs, ctx
+
+    with pytest.raises(_Killed):
+        fit(kill_at=5)  # 3 batches per epoch: batch 5 is in epoch 2
+    state = json.loads((tmp_path / "resume" / RESUME_STATE).read_text())
+    assert state["iteration"] == 1 and (tmp_path / "resume" / "iter1" / "last.pt").is_file()
+    m, logs, ctx = fit()
+    assert ctx.resumed_from == 1
+    assert [(r["epoch"], r["step"]) for r in logs] == [(2, 6), (3, 9)]  # epoch 1 not trained again
+    assert all(np.isfinite(r["loss"]) for r in logs)
+    assert len(m.predict(samples[9:10])) == 1

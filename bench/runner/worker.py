@@ -151,7 +151,8 @@ def main(model_dir: Path) -> int:
                          lambda rec: append_jsonl(log_path, {**rec, "t": time.time()}),
                          val=list(val), eval_every=int(getattr(cfg, "eval_every", 0) or 0),
                          log_val=lambda rec: append_jsonl(curve_path, {**rec, "t": time.time()}),
-                         resume_dir=md.resume, on_begin=lambda k: _trim_logs(md, k))
+                         resume_dir=md.resume,
+                         on_begin=lambda k: _trim_logs(md, k, getattr(adapter, "resume_unit", "step")))
         ctx.workdir.mkdir(parents=True, exist_ok=True)
         seed_everything(job.seed)  # every model, trained or not (the trainable base seeds again: harmless)
         t0 = time.perf_counter()
@@ -270,27 +271,28 @@ def _save_checkpoint(adapter, md: ModelDir) -> None:
     os.replace(tmp, md.checkpoint)
 
 
-def _trim_logs(md: ModelDir, iteration: int) -> None:
+def _trim_logs(md: ModelDir, iteration: int, unit: str = "step") -> None:
     """A fit (re)starts at ``iteration``: its logs keep the records up to it (0: none), so a resumed
-    fit's log reads as one fit's."""
+    fit's log reads as one fit's. ``unit``: the log field the checkpoint counts in (``step``, or
+    ``epoch`` for an adapter that checkpoints per epoch and logs batches as steps: YOLO)."""
     from bench.util import atomic_write_text
 
     for path in (md.train_log, md.val_curve):
         if not path.is_file():
             continue
-        kept = [line for line in path.read_text().splitlines() if iteration and _step(line) <= iteration]
+        kept = [line for line in path.read_text().splitlines() if iteration and _step(line, unit) <= iteration]
         if kept:
             atomic_write_text(path, "".join(line + "\n" for line in kept))
         else:
             path.unlink()
 
 
-def _step(line: str) -> float:
-    """The step of one log line; a line cut short by a kill counts as past every checkpoint."""
+def _step(line: str, unit: str = "step") -> float:
+    """The step (or ``unit``) of one log line; a line cut short by a kill counts as past every checkpoint."""
     import json
 
     try:
-        return float(json.loads(line).get("step", 0))
+        return float(json.loads(line).get(unit, 0))
     except (ValueError, AttributeError):
         return float("inf")
 
