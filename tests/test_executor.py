@@ -79,6 +79,10 @@ def test_slots_divide_the_cores_and_give_each_job_its_gpu(tmp_path):
         Pool(1, [], cores=[0], mem_gb=8).check(_task("fat", tmp_path, mem_gb=64))
     mem = Pool(2, [], cores=[0, 1], mem_gb=8)
     assert mem.take(_task("a", tmp_path, mem_gb=5)) and mem.take(_task("b", tmp_path, mem_gb=5)) is None
+    # the second one waits for memory, not for a core, and is told so
+    assert "mem_gb=5 and the running jobs hold 5 of this machine's 8.0 GB" in mem.waits_for_memory(
+        _task("b", tmp_path, mem_gb=5))
+    assert mem.waits_for_memory(_task("c", tmp_path, mem_gb=2)) is None
 
 
 def test_local_parallel_runs_what_serial_runs(tmp_path, tiny_synth):

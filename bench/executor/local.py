@@ -117,6 +117,17 @@ class Pool:
         self.next_index += 1
         return slot
 
+    def waits_for_memory(self, task: Task) -> str | None:
+        """Why ``task`` cannot start now although cores and GPUs are free: the memory it asks is
+        taken by running jobs (None: it is not memory). Said once, so a job that waits is not silent."""
+        cpus, gpus, mem = self.wants(task)
+        if len(self.free_cores) < cpus or len(self.free_gpus) < gpus:
+            return None
+        if self.mem_gb is not None and mem and self.mem_used + mem > self.mem_gb:
+            return (f"waits for memory: it asks mem_gb={mem:g} and the running jobs hold {self.mem_used:g} of "
+                    f"this machine's {self.mem_gb:.1f} GB (resources: mem_gb, or --slurm mem_gb=..., changes it)")
+        return None
+
     def give_back(self, slot: Slot) -> None:
         idx, mem = slot._taken  # type: ignore[attr-defined]
         self.free_cores = sorted(self.free_cores + idx)
@@ -149,6 +160,7 @@ class LocalExecutor:
         running: dict[int, tuple[Task, subprocess.Popen, float, Slot]] = {}
         interrupted: list[int] = []
         kill_at: float | None = None
+        told: set[str] = set()   # tasks already said to wait for memory
 
         def forward(signum, _frame):
             nonlocal kill_at
@@ -176,6 +188,10 @@ class LocalExecutor:
                         continue
                     slot = self.pool.take(task)
                     if slot is None:
+                        reason = self.pool.waits_for_memory(task)
+                        if reason and task.key not in told:
+                            told.add(task.key)
+                            self.echo(f"[{task.what}] {reason}")
                         continue
                     pending.remove(task)
                     proc = self._start(task, slot)
