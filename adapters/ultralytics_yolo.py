@@ -290,9 +290,12 @@ class YoloSeg(TrainableAdapter):
         shutil.copyfile(self._last, directory / WEIGHTS_FILE)
 
     def load_weights(self, directory: Path) -> None:
+        import atexit
         import tempfile
 
-        self._config_dir = self._config_dir or Path(tempfile.mkdtemp(prefix="cellbench-ultralytics-"))
+        if self._config_dir is None:  # Ultralytics' settings, never the checkpoint folder; gone at exit
+            self._config_dir = Path(tempfile.mkdtemp(prefix="cellbench-ultralytics-"))
+            atexit.register(shutil.rmtree, self._config_dir, True)
         self._import(directory)
         self.yolo = self._load(directory / WEIGHTS_FILE)
         self._last = directory / WEIGHTS_FILE
