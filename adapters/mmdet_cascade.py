@@ -73,13 +73,13 @@ from pydantic import Field, field_validator, model_validator
 from bench.adapters.base import AdapterConfig, Capabilities, FitContext, check_weights_file
 from bench.adapters.registry import register
 from bench.adapters.trainable import TrainableAdapter, amp_enabled, load_matching_state, rng_state, set_rng_state
+from bench.anchors import FPN_STRIDES  # the strides the anchor floor and auto scale assume
 from bench.data import rle
 from bench.data.masks import instances_from_masks
 from bench.data.normalize import to_rgb, to_uint8
 from bench.data.sample import Instances, Sample
 
 BASE_CONFIG = "cascade_rcnn/cascade-mask-rcnn_r50_fpn_1x_coco.py"
-FPN_STRIDES = (4, 8, 16, 32, 64)
 _WEIGHTS_FILE = "model.pth"
 
 
@@ -495,7 +495,7 @@ def auto_anchor_scales(c: CascadeConfig, instances: Sequence[Instances]) -> dict
     from bench.anchors import auto_anchor_sizes, instance_sizes, summary
 
     sizes = instance_sizes(instances, [c.image_scale] * len(instances))
-    anchors = auto_anchor_sizes(sizes, len(FPN_STRIDES))
+    anchors = auto_anchor_sizes(sizes, len(FPN_STRIDES), FPN_STRIDES)
     scale = float(np.exp(np.mean(np.log(np.asarray(anchors, float) / np.asarray(FPN_STRIDES, float)))))
     return {**summary(sizes, [scale * st for st in FPN_STRIDES]), "anchor_scales": [round(scale, 4)]}
 
