@@ -103,12 +103,19 @@ class Pool:
         if self.mem_gb is not None and mem > self.mem_gb:
             raise ConfigError(f"{task.what} asks for mem_gb={mem:g} but this machine has {self.mem_gb:.1f} GB")
 
-    def take(self, task: Task) -> Slot | None:
+    def short_of(self, task: Task) -> str | None:
+        """What ``task`` lacks to start now: ``"slot"`` (cores or GPUs), ``"memory"``, or None."""
         cpus, gpus, mem = self.wants(task)
         if len(self.free_cores) < cpus or len(self.free_gpus) < gpus:
-            return None
+            return "slot"
         if self.mem_gb is not None and mem and self.mem_used + mem > self.mem_gb:
+            return "memory"
+        return None
+
+    def take(self, task: Task) -> Slot | None:
+        if self.short_of(task):
             return None
+        cpus, gpus, mem = self.wants(task)
         idx, self.free_cores = self.free_cores[:cpus], self.free_cores[cpus:]
         taken, self.free_gpus = self.free_gpus[:gpus], self.free_gpus[gpus:]
         self.mem_used += mem
@@ -120,10 +127,8 @@ class Pool:
     def waits_for_memory(self, task: Task) -> str | None:
         """Why ``task`` cannot start now although cores and GPUs are free: the memory it asks is
         taken by running jobs (None: it is not memory). Said once, so a job that waits is not silent."""
-        cpus, gpus, mem = self.wants(task)
-        if len(self.free_cores) < cpus or len(self.free_gpus) < gpus:
-            return None
-        if self.mem_gb is not None and mem and self.mem_used + mem > self.mem_gb:
+        if self.short_of(task) == "memory":
+            _, _, mem = self.wants(task)
             return (f"waits for memory: it asks mem_gb={mem:g} and the running jobs hold {self.mem_used:g} of "
                     f"this machine's {self.mem_gb:.1f} GB (resources: mem_gb, or --slurm mem_gb=..., changes it)")
         return None
