@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from bench.cli import _fail, app
 from bench import cli_options
+from bench.cli import _fail, app
 from bench.data.errors import DataError
 
 

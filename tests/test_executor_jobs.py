@@ -243,9 +243,9 @@ def _row(text: str, key: str) -> str:
     return next(line for line in text.splitlines() if line.split(" ", 1)[0] == key)
 
 
-def test_status_shows_a_running_stage_job_and_its_waiting_fine_tune(tmp_path, tiny_synth, fake_plugin):
-    """While a pretrain stage's job trains, ``bench status`` shows it running in a row of its own and
-    the fine-tune pending, waiting for it; afterwards both done."""
+def _status_while_a_stage_trains(tmp_path, tiny_synth, executor: ExecutorSpec | None) -> tuple[Path, str, dict]:
+    """A one-stage sweep whose stage trains for 6 s: the sweep folder, ``bench status`` while the
+    stage trains, and the sweep's final states."""
     import threading
     import time
 
@@ -256,9 +256,9 @@ def test_status_shows_a_running_stage_job_and_its_waiting_fine_tune(tmp_path, ti
     cfg = sweep_file(tmp_path, {"retrain": {"pretrain": [{"data": "split:train+val", "options": {
         "counter_dir": str(stage), "fit_sleep": 6}}]}}, seeds=[0], base_options={"iterations": 2})
     out, result = tmp_path / "sw", {}
+    extra = {"executor": executor} if executor is not None else {}
     th = threading.Thread(target=lambda: result.update(states=run_sweep(
-        cfg, data=str(tiny_synth), out=out, results=tmp_path / "r", echo=lambda *_: None,
-        executor=ExecutorSpec(jobs=2))[1]))
+        cfg, data=str(tiny_synth), out=out, results=tmp_path / "r", echo=lambda *_: None, **extra)[1]))
     th.start()
     end = time.monotonic() + 120
     while not (stage / "fit.started").is_file() and time.monotonic() < end:
@@ -266,11 +266,20 @@ def test_status_shows_a_running_stage_job_and_its_waiting_fine_tune(tmp_path, ti
     text = status_text(out)
     th.join(180)
     assert (stage / "fit.started").is_file() and not th.is_alive()
+    return out, text, result["states"]
+
+
+def test_status_shows_a_running_stage_job_and_its_waiting_fine_tune(tmp_path, tiny_synth, fake_plugin):
+    """While a pretrain stage's job trains, ``bench status`` shows it running in a row of its own and
+    the fine-tune pending, waiting for it; afterwards both done."""
+    from bench.executor.status import status_text
+
+    out, text, states = _status_while_a_stage_trains(tmp_path, tiny_synth, ExecutorSpec(jobs=2))
     running = _row(text, "retrain/seed0/pretrain0")
     assert running.split()[1] == "running" and "fit" in running, text
     waiting = _row(text, "retrain/seed0")
     assert waiting.split()[1] == "pending" and "waits for pretrain stage 0" in waiting, text
-    assert result["states"]["retrain/seed0"]["state"] == "done"
+    assert states["retrain/seed0"]["state"] == "done"
     text = status_text(out)
     assert [_row(text, k).split()[1] for k in ("retrain/seed0/pretrain0", "retrain/seed0")] == ["done", "done"]
 
@@ -279,28 +288,12 @@ def test_status_of_a_serial_sweep_shows_its_stage_from_the_run_folders(tmp_path,
     """Serially (no executor) a stage trains inside the sweep's own process, without a job record:
     ``bench status`` still gives it a row of its own, from the stage's run folder (running while it
     trains, done after), beside its fine-tune's row."""
-    import threading
-    import time
-
     from bench.executor.status import status_text
 
-    stage = tmp_path / "stage"
-    stage.mkdir()
-    cfg = sweep_file(tmp_path, {"retrain": {"pretrain": [{"data": "split:train+val", "options": {
-        "counter_dir": str(stage), "fit_sleep": 6}}]}}, seeds=[0], base_options={"iterations": 2})
-    out, result = tmp_path / "sw", {}
-    th = threading.Thread(target=lambda: result.update(states=run_sweep(
-        cfg, data=str(tiny_synth), out=out, results=tmp_path / "r", echo=lambda *_: None)[1]))
-    th.start()
-    end = time.monotonic() + 120
-    while not (stage / "fit.started").is_file() and time.monotonic() < end:
-        time.sleep(0.2)
-    text = status_text(out)
-    th.join(180)
-    assert (stage / "fit.started").is_file() and not th.is_alive()
+    out, text, states = _status_while_a_stage_trains(tmp_path, tiny_synth, None)
     assert not (out / "jobs").exists()  # serial: no job records
     running = _row(text, "retrain/seed0/pretrain0")
     assert running.split()[1] == "running", text
-    assert result["states"]["retrain/seed0"]["state"] == "done"
+    assert states["retrain/seed0"]["state"] == "done"
     text = status_text(out)
     assert [_row(text, k).split()[1] for k in ("retrain/seed0/pretrain0", "retrain/seed0")] == ["done", "done"]
